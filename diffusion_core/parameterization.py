@@ -1,0 +1,109 @@
+"""What the network predicts (eps, v or x0), as small adapters rather than branches in samplers.
+
+Every sampler talks to a denoiser ``D(x_t, t) -> x0_hat``; these adapters convert a network's raw
+output into that, and give the regression target the loss trains the network towards.
+With ``x_t = alpha x0 + sigma eps`` (alpha^2 + sigma^2 = 1):
+  eps-prediction (Ho et al. 2020):        x0 = (x_t - sigma eps) / alpha
+  v-prediction (Salimans & Ho 2022, Eq. 4): v = alpha eps - sigma x0,  x0 = alpha x_t - sigma v
+  x0-prediction:                            the output itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_core.schedules import NoiseSchedule
+
+
+class Prediction(Protocol):
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor: ...
+
+    def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor: ...
+
+
+class EpsPrediction:
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return eps
+
+    def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return (x_t - sigma * out) / alpha
+
+
+class VPrediction:
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return alpha * eps - sigma * x0
+
+    def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return alpha * x_t - sigma * out
+
+
+class X0Prediction:
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return x0
+
+    def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return out
+
+
+PREDICTIONS: dict[str, Prediction] = {
+    "eps": EpsPrediction(),
+    "v": VPrediction(),
+    "x0": X0Prediction(),
+}
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning handed to a network: class labels and/or text token states."""
+
+    labels: Tensor | None = None  # (B,) long; the null class means "unconditional"
+    context: Tensor | None = None  # (B, L, D) text token states for cross-attention
+    pooled: Tensor | None = None  # (B, D) pooled text embedding
+
+    def repeat(self, n: int) -> Cond:
+        """The same conditioning stacked ``n`` times along the batch (for guidance batches)."""
+
+        def rep(x: Tensor | None) -> Tensor | None:
+            return None if x is None else torch.cat([x] * n)
+
+        return Cond(rep(self.labels), rep(self.context), rep(self.pooled))
+
+
+# A denoiser maps (x_t, t) to a prediction of x0; t is a (B,) long tensor of training timesteps.
+DenoiserFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Denoiser:
+    """Turns ``net(x_t, t, cond)`` with a given prediction type into ``D(x_t, t) -> x0_hat``."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        prediction: Prediction,
+        *,
+        cond: Cond | None = None,
+        clip_x0: bool = False,
+    ) -> None:
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.cond, self.clip_x0 = cond, clip_x0
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        out = self.net(x_t, t, self.cond).to(x_t.dtype)
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t)
+        x0 = self.prediction.to_x0(out, x_t, alpha, sigma)
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    def with_cond(self, cond: Cond | None) -> Denoiser:
+        return Denoiser(self.net, self.schedule, self.prediction, cond=cond, clip_x0=self.clip_x0)
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The noise implied by an x0 prediction: eps = (x_t - alpha x0) / sigma."""
+    return (x_t - alpha * x0) / sigma

@@ -1,0 +1,518 @@
+"""The trainer: bf16 autocast, EMA, clipping, warm-up, atomic checkpoints, exact resume, DDP.
+
+Exact resume: a checkpoint holds the weights, the EMA, the optimizer and LR-scheduler state, the
+step, the data stream's position and every random generator, so N steps + resume + N steps gives
+the same weights as 2N steps straight. Under ``torchrun`` every rank draws the same global batch,
+timesteps and noise and trains on its own slice of them, so the run matches one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from diffusion_core.config import RunConfig
+from diffusion_core.data import ImageDataset
+from diffusion_core.losses import DiffusionLoss, draw_noise
+from diffusion_core.parameterization import PREDICTIONS, Cond, Prediction
+from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.unet import UNet, build_unet
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Exponential moving average of the weights.
+
+
+class EMA:
+    """EMA of parameters and buffers in float32, with the warm-up of Tarvainen & Valpola 2017."""
+
+    def __init__(self, net: nn.Module, *, decay: float, warmup: bool = True) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, step: int) -> None:
+        d = self.decay_at(step)
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimisation step, shared by the trainer and the throughput benchmark.
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """Forward, loss, backward, clip, optimizer and EMA update for one (local) batch."""
+
+    def __init__(
+        self,
+        net: Callable[[Tensor, Tensor, Cond | None], Tensor],
+        schedule: NoiseSchedule,
+        prediction: Prediction,
+        optimizer: torch.optim.Optimizer,
+        *,
+        precision: str = "bf16",
+        grad_clip: float | None = 1.0,
+        ema: EMA | None = None,
+        min_snr_gamma: float | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ) -> None:
+        self.net, self.optimizer, self.ema = net, optimizer, ema
+        self.loss_fn = DiffusionLoss(schedule, prediction, min_snr_gamma=min_snr_gamma)
+        self.precision, self.grad_clip, self.lr_scheduler = precision, grad_clip, lr_scheduler
+        self.num_steps = schedule.num_steps
+        self.step = 0
+
+    def __call__(
+        self,
+        x0: Tensor,
+        cond: Cond | None,
+        *,
+        t: Tensor | None = None,
+        eps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if t is None or eps is None:
+            t, eps = draw_noise(
+                x0.shape, self.num_steps, generator=generator or _default_gen(x0), device=x0.device
+            )
+        with autocast(x0.device, self.precision):
+            loss = self.loss_fn(self.net, x0, cond, t, eps).mean()
+        if not torch.isfinite(loss):  # before the update, so the weights stay usable
+            raise TrainingError(
+                f"loss is {float(loss.detach())} at step {self.step}; "
+                "lower train.lr or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        if self.ema is not None:
+            module = (
+                self.net.module
+                if isinstance(self.net, nn.parallel.DistributedDataParallel)
+                else self.net
+            )
+            assert isinstance(module, nn.Module)
+            self.ema.update(module, self.step)
+        self.step += 1
+        return loss.detach()
+
+
+def _default_gen(x: Tensor) -> torch.Generator:
+    return torch.Generator(device=x.device).manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The data stream: epochs of seeded permutations with a resumable position.
+
+
+@dataclass
+class BatchStream:
+    """Global batches of indices; epoch e is a permutation seeded by (seed, e)."""
+
+    size: int
+    batch_size: int
+    seed: int
+    epoch: int = 0
+    cursor: int = 0
+    _perm: Tensor | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        if self._perm is None:
+            self._perm = self._permutation(self.epoch)
+        if self.cursor + self.batch_size > self.size:  # drop the ragged end of an epoch
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        idx = self._perm[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return idx
+
+    def _permutation(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a directory per step, written under a temporary name and renamed into place.
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild the network from code: saved as ``config.json``."""
+
+    config: RunConfig
+    in_channels: int
+    image_size: int
+    class_names: list[str]
+    num_classes: int | None
+    dataset_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "class_names": self.class_names,
+            "num_classes": self.num_classes,
+            "dataset_sha256": self.dataset_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(
+            config=RunConfig.model_validate(d["config"]),
+            in_channels=int(d["in_channels"]),
+            image_size=int(d["image_size"]),
+            class_names=list(d["class_names"]),
+            num_classes=d["num_classes"],
+            dataset_sha256=str(d["dataset_sha256"]),
+        )
+
+    def build(self) -> UNet:
+        return build_unet(
+            self.config.model,
+            in_channels=self.in_channels,
+            image_size=self.image_size,
+            num_classes=self.num_classes,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    spec: ModelSpec,
+    weights: dict[str, Tensor],
+    ema: dict[str, Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``root/step-XXXXXXX/`` atomically and point ``root/latest`` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    (tmp / "config.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names, or None when there is none yet."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise TrainingError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[UNet, ModelSpec]:
+    """Rebuild a network from a checkpoint directory (weights, not pickles)."""
+    path = Path(path)
+    if path.is_dir() and (path / LATEST).is_file():
+        resolved = latest_checkpoint(path)
+        assert resolved is not None
+        path = resolved
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
+    spec = ModelSpec.from_dict(json.loads(config_file.read_text()))
+    net = spec.build()
+    weights = load_file(path / ("ema.safetensors" if use_ema else "weights.safetensors"))
+    net.load_state_dict(weights)
+    return net.eval(), spec
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop.
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    history: list[dict[str, float]]
+    images_per_second: float
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when launched by ``torchrun``; True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return f
+
+
+def train(
+    cfg: RunConfig,
+    dataset: ImageDataset,
+    out_dir: str | Path,
+    *,
+    device: torch.device | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) ``cfg`` on ``dataset``; checkpoints go under ``out_dir/checkpoints``.
+
+    ``max_steps`` stops at that global step (the run can be resumed later up to ``train.steps``).
+    """
+    tc = cfg.train
+    device = device or pick_device()
+    init_distributed(device)
+    rank, world = _dist_info()
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    if len(dataset) < tc.batch_size:
+        raise ValueError(
+            f"dataset has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}"
+        )
+
+    # Build the network, optimizer and state.
+    conditional = cfg.model.class_conditional and dataset.labels is not None
+    spec = ModelSpec(
+        config=cfg,
+        in_channels=dataset.images.shape[1],
+        image_size=dataset.images.shape[-1],
+        class_names=list(dataset.class_names),
+        num_classes=len(dataset.class_names) if conditional else None,
+        dataset_sha256=dataset.sha256(),
+    )
+    torch.manual_seed(tc.seed)
+    net = spec.build().to(device)
+    ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
+    model: Any = net
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        model = torch.compile(model)
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+    step_fn = TrainStep(
+        model,
+        schedule,
+        PREDICTIONS[cfg.diffusion.prediction],
+        optimizer,
+        precision=tc.precision,
+        grad_clip=tc.grad_clip,
+        ema=ema,
+        min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        lr_scheduler=lr_scheduler,
+    )
+    stream = BatchStream(len(dataset), tc.batch_size, tc.seed)
+    gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
+
+    # Resume from the latest checkpoint when there is one.
+    ckpt_root = Path(out_dir) / "checkpoints"
+    history: list[dict[str, float]] = []
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        state = torch.load(resume_from / "state.pt", weights_only=True, map_location="cpu")
+        if state["config_hash"] != cfg.hash():
+            raise TrainingError(
+                f"{resume_from} was trained with another config; use a new output directory"
+            )
+        net.load_state_dict(load_file(resume_from / "weights.safetensors"))
+        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        stream.load_state_dict(state["stream"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step_fn.step = int(state["step"])
+        history = [dict(h) for h in state["history"]]
+        log.info("resumed from %s at step %d", resume_from, step_fn.step)
+
+    images = dataset.images
+    labels = dataset.labels
+    null_class = spec.num_classes
+    stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
+    start_step = step_fn.step
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress or rank != 0, unit="step")
+    t_start, seen = time.perf_counter(), 0
+    window_loss, window_t, window_n = 0.0, time.perf_counter(), 0
+    checkpoint = resume_from
+
+    def save() -> Path:
+        state = {
+            "step": step_fn.step,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "stream": stream.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "config_hash": cfg.hash(),
+        }
+        return write_checkpoint(
+            ckpt_root,
+            step_fn.step,
+            spec=spec,
+            weights=net.state_dict(),
+            ema=ema.state_dict(),
+            state=state,
+        )
+
+    net.train()
+    while step_fn.step < stop:
+        # Draw the global batch, its timesteps, noise and label dropout; keep this rank's slice.
+        idx = next(stream)
+        x0 = images[idx].to(device).float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
+        t, eps = draw_noise(x0.shape, schedule.num_steps, generator=gen, device=device)
+        cond = None
+        if null_class is not None:
+            assert labels is not None
+            y = labels[idx].to(device)
+            drop = torch.rand(y.shape, generator=gen, device=device) < tc.label_dropout
+            cond = Cond(labels=torch.where(drop, torch.full_like(y, null_class), y))
+        mine = slice(rank, None, world)
+        local_cond = (
+            Cond(labels=cond.labels[mine]) if cond is not None and cond.labels is not None else None
+        )
+        loss = step_fn(x0[mine], local_cond, t=t[mine], eps=eps[mine])
+
+        # Log.
+        loss_value = float(loss)
+        seen += tc.batch_size
+        window_loss, window_n = window_loss + loss_value, window_n + 1
+        bar.update(1)
+        if step_fn.step % tc.log_every == 0 or step_fn.step == stop:
+            now = time.perf_counter()
+            record = {
+                "step": float(step_fn.step),
+                "loss": window_loss / window_n,
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_second": window_n * tc.batch_size / (now - window_t),
+            }
+            history.append(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_second']:.0f}"
+            )
+            if on_log is not None and rank == 0:
+                on_log(record)
+            window_loss, window_t, window_n = 0.0, now, 0
+
+        # Save a checkpoint.
+        if rank == 0 and (step_fn.step % tc.checkpoint_every == 0 or step_fn.step == stop):
+            checkpoint = save()
+        if world > 1 and step_fn.step % tc.checkpoint_every == 0:
+            dist.barrier()
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    elapsed = time.perf_counter() - t_start
+    if checkpoint is None:  # nothing to do: the run was already complete
+        checkpoint = latest_checkpoint(ckpt_root) or save()
+    return TrainResult(
+        checkpoint=checkpoint,
+        steps=step_fn.step - start_step,
+        history=history,
+        images_per_second=seen / elapsed if elapsed > 0 else 0.0,
+    )

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin adapters over diffusion_core."""

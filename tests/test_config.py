@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffusion_core.config import ConfigError, RunConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_config_is_valid():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert cfg.data.kind == "digits" and cfg.model.class_conditional
+
+
+def test_unknown_key_names_file_key_and_allowed(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"train": {"stepz": 10}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "train.stepz" in msg and "steps" in msg
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*train"):
+        load_config(path)
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"diffusion": {"schedule": "quadratic"}}, source="x.yaml")
+    msg = str(err.value)
+    assert "x.yaml" in msg and "diffusion.schedule" in msg
+    assert "'linear'" in msg and "'cosine'" in msg and "'quadratic'" in msg
+
+
+def test_bad_number_names_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        parse_config({"train": {"batch_size": 0}})
+
+
+def test_root_required_for_folder():
+    with pytest.raises(ConfigError, match=r"data\.root is required"):
+        parse_config({"data": {"kind": "folder"}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_and_hash(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\n")
+    cfg = load_config(path, {"train.steps": 7, "sample.sampler": "ddpm"})
+    assert cfg.train.steps == 7 and cfg.sample.sampler == "ddpm"
+    assert cfg.hash() == RunConfig.model_validate(cfg.to_dict()).hash()
+    assert cfg.hash() != load_config(path).hash()

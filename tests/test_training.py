@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_core import training
+from diffusion_core.config import SampleConfig, parse_config
+from diffusion_core.data import ImageDataset
+from diffusion_core.sampling import generate
+from diffusion_core.training import (
+    EMA,
+    BatchStream,
+    TrainingError,
+    latest_checkpoint,
+    load_model,
+    train,
+    write_checkpoint,
+)
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_dataset(n: int = 64, size: int = 8, classes: int = 3) -> ImageDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % classes
+    return ImageDataset(
+        images=images,
+        labels=labels,
+        class_names=[str(i) for i in range(classes)],
+        captions=None,
+        source="toy",
+        skipped=0,
+    )
+
+
+def weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / name)
+
+
+def test_resume_equals_straight_run(tmp_path, tiny_config_dict):
+    """N steps, stop, resume for N more gives the same weights and EMA as 2N straight."""
+    tiny_config_dict["train"].update(steps=6, checkpoint_every=100, label_dropout=0.3)
+    tiny_config_dict["model"]["dropout"] = 0.1  # exercises the global RNG state too
+    cfg = parse_config(tiny_config_dict)
+    data = toy_dataset()
+    straight = train(cfg, data, tmp_path / "a", progress=False)
+    first = train(cfg, data, tmp_path / "b", max_steps=3, progress=False)
+    assert first.steps == 3 and first.checkpoint.name == "step-0000003"
+    second = train(cfg, data, tmp_path / "b", progress=False)
+    assert second.steps == 3
+    for name in ("weights.safetensors", "ema.safetensors"):
+        a, b = weights(straight.checkpoint, name), weights(second.checkpoint, name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+    # A third call has nothing left to do and returns the same checkpoint.
+    again = train(cfg, data, tmp_path / "b", progress=False)
+    assert again.steps == 0 and again.checkpoint == second.checkpoint
+
+
+def test_resume_refuses_another_config(tmp_path, tiny_config_dict):
+    cfg = parse_config(tiny_config_dict)
+    train(cfg, toy_dataset(), tmp_path, max_steps=1, progress=False)
+    tiny_config_dict["train"]["lr"] = 5e-4
+    with pytest.raises(TrainingError, match="another config"):
+        train(parse_config(tiny_config_dict), toy_dataset(), tmp_path, progress=False)
+
+
+def test_training_reduces_loss_and_checkpoint_loads(tmp_path, tiny_config_dict):
+    tiny_config_dict["train"].update(steps=40, lr=3e-3, log_every=10, checkpoint_every=20)
+    cfg = parse_config(tiny_config_dict)
+    data = toy_dataset()
+    result = train(cfg, data, tmp_path, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == [
+        "step-0000020",
+        "step-0000040",
+    ]
+    net, spec = load_model(tmp_path / "checkpoints")
+    assert spec.num_classes == 3 and spec.dataset_sha256 == data.sha256()
+    sc = SampleConfig(sampler="ddim", steps=4, guidance_scale=2.0, batch_size=4)
+    out = generate(net, spec, sc, num_samples=6)
+    assert out.images.shape == (6, 1, 8, 8) and out.images.dtype == torch.uint8
+    assert out.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    # Samples do not depend on how they are batched.
+    again = generate(net, spec, sc.model_copy(update={"batch_size": 6}), num_samples=6)
+    assert torch.equal(out.images, again.images)
+
+
+def test_nan_loss_is_an_error(tmp_path, tiny_config_dict, monkeypatch):
+    cfg = parse_config(tiny_config_dict)
+
+    def nan_loss(self, net, x0, cond, t, eps):
+        return torch.full((x0.shape[0],), float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(training.DiffusionLoss, "__call__", nan_loss)
+    with pytest.raises(TrainingError, match="loss is nan at step 0"):
+        train(cfg, toy_dataset(), tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path / "checkpoints") is None
+
+
+def test_interrupted_checkpoint_write_leaves_previous(tmp_path, tiny_config_dict, monkeypatch):
+    cfg = parse_config(tiny_config_dict)
+    first = train(cfg, toy_dataset(), tmp_path, max_steps=3, progress=False)
+
+    def failing_save(tensors, path):
+        if str(path).endswith("ema.safetensors"):
+            raise OSError("disk full")
+        torch.save(tensors, path)
+
+    monkeypatch.setattr(training, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, toy_dataset(), tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path / "checkpoints") == first.checkpoint
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-0000003"]
+
+
+def test_write_checkpoint_keeps_last_two(tmp_path, tiny_config_dict):
+    cfg = parse_config(tiny_config_dict)
+    spec = training.ModelSpec(cfg, 1, 8, ["a"], 1, "x")
+    w = {"w": torch.ones(2)}
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path, step, spec=spec, weights=w, ema=w, state={"step": step})
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000002", "step-0000003"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-0000003"
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_batch_stream_resumes_in_place():
+    a = BatchStream(10, 4, seed=3)
+    seq = [next(a).tolist() for _ in range(5)]
+    b = BatchStream(10, 4, seed=3)
+    for _ in range(2):
+        next(b)
+    c = BatchStream(10, 4, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert [next(c).tolist() for _ in range(3)] == seq[2:]
+    # Each epoch is a permutation (two full batches of 4 from 10, ragged end dropped).
+    assert len(set(seq[0] + seq[1])) == 8
+
+
+def test_ema_warmup_and_update():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(10**6) == 0.999
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.shadow["weight"].clone()
+    ema.update(net, step=0)
+    expected = before + (1 - 0.1) * (net.weight - before)
+    assert torch.allclose(ema.shadow["weight"], expected)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, tiny_config_file):
+    """torchrun with 2 gloo processes trains to the same weights as one process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFPIPE_HOME": str(tmp_path)}
+    common = ["--config", str(tiny_config_file), "--quiet", "--set", "train.precision=fp32"]
+    single = [sys.executable, "-m", "flows.cli", "train", "--out", str(tmp_path / "one"), *common]
+    subprocess.run(single, check=True, env=env, cwd=REPO, timeout=300)
+    ddp = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        "-m", "flows.cli", "train", "--out", str(tmp_path / "two"), *common,
+    ]  # fmt: skip
+    subprocess.run(ddp, check=True, env=env, cwd=REPO, timeout=300)
+    one = weights(latest_checkpoint(tmp_path / "one" / "checkpoints"), "weights.safetensors")
+    two = weights(latest_checkpoint(tmp_path / "two" / "checkpoints"), "weights.safetensors")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
