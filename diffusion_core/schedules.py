@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -140,11 +141,16 @@ def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leadi
         ratio = num_train_steps // num_steps
         grid = torch.arange(num_steps) * ratio
     elif spacing == "trailing":
-        ratio = num_train_steps / num_steps
-        grid = (torch.arange(num_train_steps, 0, -ratio).round() - 1).flip(0)
+        step = num_train_steps / num_steps
+        grid = torch.from_numpy(np.arange(num_train_steps, 0, -step)).round().flip(0) - 1
     elif spacing == "linspace":
-        grid = torch.linspace(0, num_train_steps - 1, num_steps + 1, dtype=torch.float64).round()
-        grid = grid.flip(0)[:-1].flip(0)
+        k = torch.arange(num_steps + 1, dtype=torch.float64)
+        grid = (k * ((num_train_steps - 1) / num_steps)).round()[1:]
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {TIMESTEP_SPACINGS}")
+    if not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(
+            f"{spacing} spacing with {num_steps} of {num_train_steps} steps repeats timesteps; "
+            "use fewer steps or leading spacing"
+        )
     return grid.long().flip(0)
