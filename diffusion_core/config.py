@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,17 @@ class SampleConfig(StrictModel):
     seed: int = 0
 
 
+class PipelineConfig(StrictModel):
+    """Where a pipeline run keeps things, and how much it samples."""
+
+    artefact_root: str | None = None  # default: file://$DIFFPIPE_HOME/artefacts
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI or sqlite under DIFFPIPE_HOME
+    model_name: str | None = None  # registered model name; default: the config's name
+    num_samples: int = Field(1000, ge=2)  # samples drawn for safety filtering and evaluation
+    shards: int = Field(2, ge=1)  # sampling tasks run in parallel
+    detectors: tuple[str, ...] = ("invalid", "memorisation")
+
+
 class RunConfig(StrictModel):
     name: str = "diffpipe"
     data: DataConfig = DataConfig()
@@ -101,6 +113,7 @@ class RunConfig(StrictModel):
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -111,7 +124,7 @@ class RunConfig(StrictModel):
         return hashlib.sha256(blob).hexdigest()
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "<top level>"
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":

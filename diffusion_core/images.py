@@ -42,8 +42,8 @@ def read_image(path: str | Path, *, size: int, channels: int) -> Tensor:
     """One image file as (C, size, size) uint8; ValueError naming the file when unreadable."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
-            arr = np.asarray(img)
+            mode = "L" if channels == 1 else "RGB"
+            arr = np.asarray(img.convert(mode).resize((size, size), Image.Resampling.BICUBIC))
     except (OSError, UnidentifiedImageError) as exc:
         raise ValueError(f"{path}: cannot read image ({exc})") from None
     arr = arr[..., None] if arr.ndim == 2 else arr

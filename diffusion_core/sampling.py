@@ -77,8 +77,13 @@ def generate(
     num_samples: int | None = None,
     labels: Tensor | None = None,
     device: torch.device | None = None,
+    offset: int = 0,
 ) -> Samples:
-    """Draw ``num_samples`` images (class-balanced for conditional models unless ``labels``)."""
+    """Draw ``num_samples`` images (class-balanced for conditional models unless ``labels``).
+
+    Sample i starts from the noise of seed ``sample.seed * 10**6 + offset + i``, so a run split
+    into shards (each with its ``offset``) gives the same images as one call.
+    """
     n = (
         num_samples
         if num_samples is not None
@@ -92,7 +97,7 @@ def generate(
         spec.config.diffusion.schedule, spec.config.diffusion.num_steps
     )
     grid = timestep_grid(schedule.num_steps, sc.steps, spacing=sc.spacing)
-    seeds = sc.seed * 1_000_000 + torch.arange(n)
+    seeds = sc.seed * 1_000_000 + offset + torch.arange(n)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     out = []
     for start in range(0, n, sc.batch_size):

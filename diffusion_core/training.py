@@ -296,10 +296,15 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[UNet, ModelSp
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
-    spec = ModelSpec.from_dict(json.loads(config_file.read_text()))
+    weights = path / ("ema.safetensors" if use_ema else "weights.safetensors")
+    return load_model_files(config_file, weights)
+
+
+def load_model_files(config_file: str | Path, weights_file: str | Path) -> tuple[UNet, ModelSpec]:
+    """Rebuild a network from its ``config.json`` and a safetensors weights file."""
+    spec = ModelSpec.from_dict(json.loads(Path(config_file).read_text()))
     net = spec.build()
-    weights = load_file(path / ("ema.safetensors" if use_ema else "weights.safetensors"))
-    net.load_state_dict(weights)
+    net.load_state_dict(load_file(Path(weights_file)))
     return net.eval(), spec
 
 

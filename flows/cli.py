@@ -163,6 +163,69 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_env() -> None:
+    """Embedded defaults: Prefect's local API on SQLite under DIFFPIPE_HOME (unless the user
+    points PREFECT_API_URL at a server), and the library's logs in the run logs."""
+    home = diffpipe_home().resolve()
+    os.environ.setdefault("DIFFPIPE_HOME", str(home))
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "diffusion_core")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    from flows.pipeline import write_summary
+
+    if args.summary_out:
+        write_summary(summary, args.summary_out)
+    metrics = summary.get("metrics", {})
+    model = summary["model"]
+    print(
+        f"model: {model['name']} v{model['version']} ({', '.join(model['aliases']) or 'no alias'})"
+    )
+    for key in ("fid", "fid_half_over_floor", "kid", "conditional_accuracy"):
+        if key in metrics:
+            print(f"{key}: {metrics[key]:.4f}")
+    if "samples" in summary:
+        s = summary["samples"]
+        print(f"samples: {s['published']} published, {s['quarantined']} quarantined")
+    print(f"report: {summary.get('report_uri', '(not evaluated)')}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # validate before anything starts
+    _prefect_env()
+    from flows.pipeline import nightly
+
+    overrides = parse_overrides(args.set or [])
+    summary = nightly(config_path=str(args.config), overrides=overrides or None)
+    _finish(summary, args)
+    log.debug("config %s done", cfg.name)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from flows.pipeline import evaluate_model
+
+    _finish(evaluate_model(model_uri=args.model), args)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks import tracking
+
+    table = tracking.comparison_table(tracking.tracking_uri(), args.model)
+    columns = [c for c in table.columns if c in args.columns.split(",")] if args.columns else None
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table[columns] if columns else table)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument parsing.
 
@@ -219,6 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", type=int, default=10, help="RePaint resampling count (1 = none)")
     p.add_argument("--out", required=True, help="output .png grid")
     p.set_defaults(func=cmd_inpaint)
+    p = sub.add_parser("run", help="run the whole nightly pipeline (Prefect flow) on a config")
+    p.add_argument("--config", default="configs/quickstart.yaml", help="YAML run config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--summary-out", help="write the run's summary JSON here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", help="sample, filter, evaluate and report a registered model")
+    p.add_argument(
+        "--model", required=True, help="models:/<name>/<version> or models:/<name>@<alias>"
+    )
+    p.add_argument("--summary-out", help="write the evaluation's summary JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="table of a registered model's versions and their metrics")
+    p.add_argument("--model", default="quickstart", help="registered model name")
+    p.add_argument("--columns", help="comma-separated columns to show")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -231,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from diffusion_core.config import ConfigError
     from diffusion_core.data import DatasetError
+    from diffusion_core.storage import StorageError
     from diffusion_core.training import TrainingError
 
     try:
@@ -243,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except TrainingError as exc:
         print(f"diffpipe: training failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except StorageError as exc:
+        print(f"diffpipe: storage failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -1,0 +1,285 @@
+"""The flows: nightly training and evaluation of registered models, read like the recipe.
+
+nightly:  prepare_dataset -> train -> register -> (evaluate chain)
+evaluate: (evaluate chain) for a registered version, e.g. when registration emits its event
+evaluate chain: sample (sharded, mapped) -> safety_filter -> evaluate -> compare/promote -> report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+
+from diffusion_core import stages
+from diffusion_core.config import RunConfig, load_config
+from diffusion_core.storage import ArtefactStore, default_root
+from tasks import steps, tracking
+
+REGISTERED_EVENT = "diffpipe.model.registered"
+
+
+@dataclass
+class StepClock:
+    """Wall seconds per step, as the flow saw them."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a run keeps things."""
+
+    artefact_root: str
+    tracking_uri: str
+    work_dir: str
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> Target:
+        home = tracking.diffpipe_home()
+        return cls(
+            artefact_root=ArtefactStore(cfg.pipeline.artefact_root or default_root()).root,
+            tracking_uri=tracking.tracking_uri(cfg.pipeline.tracking_uri),
+            work_dir=str(home / "work"),
+        )
+
+
+def emit_registered(model: tracking.ModelRef, target: Target, run_id: str) -> None:
+    """Tell automations a version was registered (payload: name, version, model_uri)."""
+    emit_event(
+        event=REGISTERED_EVENT,
+        resource={
+            "prefect.resource.id": f"diffpipe.model.{model.name}.{model.version}",
+            "prefect.resource.name": model.name,
+        },
+        payload={
+            "name": model.name,
+            "version": model.version,
+            "model_uri": model.uri,
+            "artefact_root": target.artefact_root,
+            "tracking_uri": target.tracking_uri,
+            "run_id": run_id,
+        },
+    )
+
+
+def evaluate_chain(
+    cfg: RunConfig,
+    target: Target,
+    *,
+    run_id: str,
+    run_prefix: str,
+    model: tracking.ModelRef,
+    checkpoint_prefix: str,
+    dataset: stages.DatasetRef,
+    history: list[dict[str, float]],
+    clock: StepClock,
+) -> dict[str, Any]:
+    """Sample, filter, evaluate, compare and report one registered version."""
+    root, pc = target.artefact_root, cfg.pipeline
+    shard_size = -(-pc.num_samples // pc.shards)
+    with clock.step("sample"):
+        futures = steps.sample.map(
+            root, checkpoint_prefix, unmapped(cfg.sample.model_dump(mode="json")),
+            f"{run_prefix}/samples", shard=list(range(pc.shards)), shard_size=shard_size,
+            total=pc.num_samples,
+        )  # fmt: skip
+        shards = [f.result() for f in futures]
+    with clock.step("safety_filter"):
+        safety = steps.safety_filter(
+            root, shards, dataset, f"{run_prefix}/safety", list(pc.detectors)
+        )
+    with clock.step("evaluate"):
+        evaluation = steps.evaluate(
+            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
+        )
+    with clock.step("compare"):
+        decision = steps.compare_promote(target.tracking_uri, model, evaluation)
+    table = tracking.comparison_table(target.tracking_uri, model.name)
+    comparison = json.loads(table.tail(10).to_json(orient="records", date_format="iso"))
+    with clock.step("report"):
+        report_url = steps.report(
+            root,
+            stages.ReportInputs(
+                run_prefix=run_prefix, run_id=run_id, model_name=model.name,
+                model_version=model.version, config=cfg.to_dict(), dataset=dataset,
+                safety=safety, metrics=evaluation.metrics, history=history,
+                comparison=comparison, notes=[decision["reason"]],
+            ),
+        )  # fmt: skip
+    tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)
+    tracking.log_metrics(
+        target.tracking_uri, run_id,
+        {"samples/published": safety.published, "samples/quarantined": safety.quarantined,
+         **{f"safety/flag_rate/{k}": v for k, v in safety.flag_rates.items()}},
+    )  # fmt: skip
+    tracking.log_report(target.tracking_uri, run_id, ArtefactStore(root), f"{run_prefix}/report")
+    publish_artifacts(model, evaluation, safety, decision, report_url)
+    aliases = tracking.version_aliases(target.tracking_uri, model.name, model.version)
+    return {
+        "model": {"name": model.name, "version": model.version, "aliases": aliases},
+        "metrics": evaluation.metrics,
+        "record": evaluation.record,
+        "report_uri": report_url,
+        "samples": {"published": safety.published, "quarantined": safety.quarantined},
+        "promotion": decision,
+    }
+
+
+def publish_artifacts(
+    model: tracking.ModelRef,
+    evaluation: stages.Evaluation,
+    safety: stages.SafetyRef,
+    decision: dict[str, Any],
+    report_url: str,
+) -> None:
+    key = f"{model.name}".lower().replace("_", "-")
+    m = evaluation.metrics
+    lines = [
+        f"# {model.name} v{model.version}",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v:.4g} |" for k, v in m.items()),
+        "",
+        f"Published {safety.published}, quarantined {safety.quarantined}.",
+        "",
+        f"Promotion: {decision['reason']}.",
+        "",
+        f"[Full report]({report_url})",
+    ]
+    create_markdown_artifact(
+        markdown="\n".join(lines), key=f"{key}-report", description="Run report"
+    )
+    create_table_artifact(
+        table=[{"metric": k, "value": v} for k, v in m.items()],
+        key=f"{key}-metrics",
+        description="Evaluation metrics",
+    )
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(
+    config_path: str = "configs/quickstart.yaml",
+    overrides: dict[str, Any] | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Prepare data, train, register, then (unless ``evaluate`` is off, e.g. when a triggered
+    evaluation deployment does it) sample, filter, evaluate, compare and report."""
+    t0 = time.perf_counter()
+    cfg = load_config(config_path, overrides)
+    target = Target.for_config(cfg)
+    name = cfg.pipeline.model_name or cfg.name
+    clock = StepClock()
+    run_id = tracking.start_run(
+        target.tracking_uri, f"diffpipe-{cfg.name}", target.artefact_root,
+        run_name=f"nightly-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.to_dict(),
+        tags={"diffpipe.flow": "nightly", "diffpipe.config_hash": cfg.hash(),
+              "diffpipe.code_version": tracking.code_version()},
+    )  # fmt: skip
+    run_prefix = f"runs/{run_id}"
+    try:
+        with clock.step("prepare_dataset"):
+            dataset = steps.prepare_dataset(cfg.data.model_dump(mode="json"), target.artefact_root)
+        with clock.step("train"):
+            ckpt = steps.train(
+                cfg.to_dict(), dataset, target.artefact_root, run_prefix, target.work_dir
+            )
+        tracking.log_history(target.tracking_uri, run_id, ckpt.history)
+        with clock.step("register"):
+            model = steps.register(
+                ckpt, target.artefact_root, target.tracking_uri, run_id, name,
+                tags={"dataset_sha256": dataset.sha256, "config_hash": cfg.hash(),
+                      "code_version": tracking.code_version(), "checkpoint_url": ckpt.url,
+                      "diffpipe.checkpoint_prefix": ckpt.prefix,
+                      "diffpipe.artefact_root": target.artefact_root,
+                      "diffpipe.dataset": json.dumps(asdict(dataset))},
+            )  # fmt: skip
+        emit_registered(model, target, run_id)
+        summary: dict[str, Any] = {
+            "run_id": run_id,
+            "model": {"name": model.name, "version": model.version, "aliases": model.aliases},
+            "checkpoint_url": ckpt.url,
+            "training": {"steps": ckpt.steps, "steps_run": ckpt.steps_run},
+            "dataset": {"url": dataset.url, "sha256": dataset.sha256},
+        }
+        if evaluate:
+            summary |= evaluate_chain(
+                cfg, target, run_id=run_id, run_prefix=run_prefix, model=model,
+                checkpoint_prefix=ckpt.prefix, dataset=dataset, history=ckpt.history, clock=clock,
+            )  # fmt: skip
+    except BaseException:
+        tracking.end_run(target.tracking_uri, run_id, "FAILED")
+        raise
+    summary["step_seconds"] = clock.seconds
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    tracking.log_metrics(
+        target.tracking_uri, run_id, {f"seconds/{k}": v for k, v in clock.seconds.items()}
+    )
+    tracking.end_run(target.tracking_uri, run_id, "FINISHED")
+    get_run_logger().info("report: %s", summary.get("report_uri", "(not evaluated)"))
+    return summary
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``."""
+    t0 = time.perf_counter()
+    uri = tracking.tracking_uri(tracking_uri)
+    version = tracking.resolve_version(uri, model_uri)
+    root = version.tags["diffpipe.artefact_root"]
+    dataset = stages.DatasetRef(**json.loads(version.tags["diffpipe.dataset"]))
+    checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
+    cfg = stages.checkpoint_config(ArtefactStore(root), checkpoint_prefix)
+    target = Target(root, uri, str(tracking.diffpipe_home() / "work"))
+    model = tracking.ModelRef(version.name, str(version.version), list(version.aliases), model_uri)
+    clock = StepClock()
+    run_id = tracking.start_run(
+        uri, f"diffpipe-{cfg.name}", root,
+        run_name=f"evaluate-{version.name}-v{version.version}", params=cfg.to_dict(),
+        tags={"diffpipe.flow": "evaluate", "diffpipe.model": f"{version.name}/{version.version}"},
+    )  # fmt: skip
+    try:
+        summary = {"run_id": run_id} | evaluate_chain(
+            cfg, target, run_id=run_id, run_prefix=f"evaluations/{run_id}", model=model,
+            checkpoint_prefix=checkpoint_prefix, dataset=dataset,
+            history=tracking.training_history(uri, version.run_id), clock=clock,
+        )  # fmt: skip
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    summary["step_seconds"] = clock.seconds
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    tracking.end_run(uri, run_id, "FINISHED")
+    return summary
+
+
+@flow(name="compare", log_prints=True)
+def compare_models(model_name: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """The comparison table of every registered version of ``model_name``."""
+    table = tracking.comparison_table(tracking.tracking_uri(tracking_uri), model_name)
+    rows: list[dict[str, Any]] = json.loads(table.to_json(orient="records", date_format="iso"))
+    if rows:
+        create_table_artifact(table=rows, key=f"{model_name.lower().replace('_', '-')}-comparison")
+    return rows
+
+
+def write_summary(summary: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,152 @@
+"""The nightly flow end to end under prefect_test_harness, with MLflow on SQLite, on local disk
+and on S3 (moto's server on 127.0.0.1), including a storage outage and an interrupted run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PIPELINE_TINY = {
+    "name": "tiny",
+    "data": {"kind": "digits", "image_size": 8},
+    "model": {
+        "base_channels": 16,
+        "channel_mults": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [4],
+        "num_heads": 2,
+    },
+    "diffusion": {"num_steps": 100},
+    "train": {
+        "steps": 20,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_steps": 2,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "num_threads": 2,
+    },
+    "sample": {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5, "batch_size": 64},
+    "pipeline": {"num_samples": 60, "shards": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One Prefect test API for the module; DIFFPIPE_HOME and MLflow in a temp dir."""
+    home = tmp_path_factory.mktemp("home")
+    saved = dict(os.environ)
+    os.environ.update(
+        DIFFPIPE_HOME=str(home),
+        DIFFPIPE_RETRY_DELAYS="0.5,1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+        PREFECT_LOGGING_EXTRA_LOGGERS="diffusion_core",
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def write_config(path: Path, **pipeline: object) -> Path:
+    cfg = json.loads(json.dumps(PIPELINE_TINY))
+    cfg["pipeline"].update(pipeline)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+async def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+def run_nightly(config: Path, **kwargs):
+    from flows.pipeline import nightly
+
+    state = nightly(config_path=str(config), return_state=True, **kwargs)
+    return state
+
+
+def test_nightly_local_then_rerun(harness, tmp_path):
+    config = write_config(tmp_path / "tiny.yaml")
+    state = run_nightly(config)
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    # Every step is a task run with a name that says what it does.
+    names = sorted(tr.name for tr in asyncio.run(_task_runs(state.state_details.flow_run_id)))
+    for step in ("prepare-dataset", "train", "register", "sample-shard-0", "sample-shard-1",
+                 "safety-filter", "evaluate", "compare", "report"):  # fmt: skip
+        assert any(n.startswith(step) for n in names), (step, names)
+
+    # The summary, the registered model and its pyfunc.
+    assert summary["model"]["version"] == "1"
+    assert set(summary["model"]["aliases"]) == {"challenger", "champion"}
+    assert summary["samples"]["published"] + summary["samples"]["quarantined"] == 60
+    for key in ("fid", "kid", "conditional_accuracy", "fid_half_over_floor"):
+        assert np.isfinite(summary["metrics"][key])
+    model = mlflow.pyfunc.load_model("models:/tiny@challenger")
+    images = model.predict({"num_samples": 3, "labels": [1, 2, 3], "steps": 3, "seed": 5})
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+
+    # Metrics and the report are in MLflow; the report is on disk under the artefact root.
+    run = mlflow.get_run(summary["run_id"])
+    assert "fid" in run.data.metrics and run.data.params["train.steps"] == "20"
+    report = Path(summary["report_uri"].removeprefix("file://"))
+    assert report.is_file() and "<html" in report.read_text().lower()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"])}
+    assert "report" in artifacts
+
+    # Re-running reuses the prepared dataset (a cache hit, no rework) and registers a new version.
+    state = run_nightly(config)
+    again = state.result()
+    runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+    prepare = [tr for tr in runs if tr.name.startswith("prepare-dataset")]
+    assert [tr.state.name for tr in prepare] == ["Cached"]
+    assert again["dataset"] == summary["dataset"]
+    assert again["model"]["version"] == "2"
+    assert "challenger" in again["model"]["aliases"]
+    from tasks import tracking
+
+    table = tracking.comparison_table(os.environ["MLFLOW_TRACKING_URI"], "tiny")
+    assert list(table["version"]) == [1, 2]
+    assert table["aliases"].str.contains("champion").sum() == 1
+
+
+def test_interrupted_training_resumes(harness, tmp_path, monkeypatch):
+    config = write_config(tmp_path / "resume.yaml")
+    overrides = {"name": "resume", "train.seed": 3}
+    from diffusion_core import training
+
+    original = training.TrainStep.__call__
+
+    def crash_at_15(self, *args, **kwargs):
+        if self.step == 15:
+            raise KeyboardInterrupt("simulated interrupt")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.TrainStep, "__call__", crash_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        run_nightly(config, overrides=overrides, evaluate=False)
+    monkeypatch.setattr(training.TrainStep, "__call__", original)
+    summary = run_nightly(config, overrides=overrides, evaluate=False).result()
+    # The checkpoint at step 10 survived the interrupt: the re-run trained the last 10 only.
+    assert summary["training"] == {"steps": 20, "steps_run": 10}
+    version = mlflow.MlflowClient().get_model_version("resume", summary["model"]["version"])
+    assert version.tags["checkpoint_url"].endswith("/checkpoint")

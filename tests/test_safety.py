@@ -1,0 +1,368 @@
+"""Safety filter: detectors on real digits, fail-closed decisions, audit records, registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import Tensor
+
+from diffusion_core.config import DataConfig
+from diffusion_core.data import ImageDataset, load_dataset, split_dataset
+from diffusion_core.safety import (
+    DETECTORS,
+    DetectorResult,
+    InvalidImageDetector,
+    MemorisationDetector,
+    SafetyContext,
+    SafetyError,
+    build_detectors,
+    filter_images,
+)
+
+
+@pytest.fixture(scope="module", params=[(16, None), (32, 3)], ids=["16px-grey", "32px-rgb"])
+def digits_split(request: pytest.FixtureRequest) -> tuple[ImageDataset, ImageDataset]:
+    size, channels = request.param
+    cfg = DataConfig(image_size=size, channels=channels)
+    return split_dataset(
+        load_dataset(cfg), holdout_fraction=cfg.holdout_fraction, seed=cfg.split_seed
+    )
+
+
+@pytest.fixture(scope="module")
+def digits16() -> tuple[ImageDataset, ImageDataset]:
+    cfg = DataConfig()
+    return split_dataset(
+        load_dataset(cfg), holdout_fraction=cfg.holdout_fraction, seed=cfg.split_seed
+    )
+
+
+def noised(images: Tensor, sigma: float, seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    noise = sigma * torch.randn(images.shape, generator=gen)
+    return (images.float() + noise).round().clamp(0, 255).to(torch.uint8)
+
+
+def rate(mask: Tensor) -> float:
+    return float(mask.float().mean())
+
+
+class Fixed:
+    """A detector that returns a canned result (or raises), for the fail-closed rules."""
+
+    def __init__(self, name: str, result: object = None, error: Exception | None = None) -> None:
+        self.name = name
+        self.result = result
+        self.error = error
+
+    def __call__(self, images: Tensor, context: SafetyContext) -> DetectorResult:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+def passing(n: int) -> DetectorResult:
+    return DetectorResult(
+        scores=torch.ones(n), flagged=torch.zeros(n, dtype=torch.bool), reasons=[None] * n
+    )
+
+
+# ----------------------------------------------------------------------------- memorisation
+
+
+def test_memorisation_flags_copies_and_noised_copies_not_fresh_digits(
+    digits_split: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, holdout = digits_split
+    copy_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:300]
+    copies = train.images[copy_idx]
+    batch = torch.cat([copies, noised(copies, sigma=4.0), holdout.images])
+    k = len(copy_idx)
+
+    result = MemorisationDetector()(batch, SafetyContext(train_images=train.images))
+
+    copy_rate = rate(result.flagged[:k])
+    noised_rate = rate(result.flagged[k : 2 * k])
+    fresh_rate = rate(result.flagged[2 * k :])
+    summary = f"copies {copy_rate:.1%}, noised copies {noised_rate:.1%}, fresh {fresh_rate:.1%}"
+    assert copy_rate == 1.0, summary
+    assert noised_rate == 1.0, summary
+    assert fresh_rate <= 0.02, summary
+    # the reason names the training image that was copied
+    for i in range(0, k, 37):
+        assert f"training image {int(copy_idx[i])}:" in str(result.reasons[i])
+    assert result.threshold is not None
+    assert bool((result.scores[:k] < 0.05).all())
+    assert bool((result.scores[2 * k :] > result.threshold).float().mean() >= 0.98)
+
+
+def test_memorisation_threshold_is_a_fraction_of_the_median_gap_and_ignores_duplicates(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, _ = digits16
+    detector = MemorisationDetector(relative_threshold=0.25, calibration_size=4096)
+    calibration = detector.calibrate(train.images)
+
+    flat = train.images.flatten(1).float() / 255
+    d = torch.cdist(flat, flat)
+    d.fill_diagonal_(float("inf"))
+    median = float(d.min(dim=1).values.median())
+    assert calibration.median_nn_distance == pytest.approx(median, rel=1e-3)
+    assert calibration.threshold == pytest.approx(0.25 * median, rel=1e-3)
+    assert calibration.distinct_images == len(train)
+
+    # every image twice: exact duplicates must not pull the median gap to 0
+    doubled = torch.cat([train.images, train.images])
+    again = MemorisationDetector(relative_threshold=0.25, calibration_size=4096)
+    assert again.calibrate(doubled).threshold == pytest.approx(calibration.threshold, rel=1e-3)
+
+
+def test_memorisation_calibration_is_cached_per_training_tensor(
+    digits16: tuple[ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train, holdout = digits16
+    images = train.images.clone()
+    detector = MemorisationDetector()
+    calls = []
+    original = torch.unique
+
+    def counting_unique(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(torch, "unique", counting_unique)
+    context = SafetyContext(train_images=images)
+    first = detector(holdout.images[:10], context).threshold
+    detector(holdout.images[:10], context)
+    assert len(calls) == 1
+    images[: len(images) // 2] = 0  # edited in place: calibrate again
+    assert detector(holdout.images[:10], context).threshold != first
+    assert len(calls) == 2
+
+
+def test_explicit_threshold_overrides_calibration(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, holdout = digits16
+    result = MemorisationDetector(threshold=10.0)(
+        holdout.images[:20], SafetyContext(train_images=train.images)
+    )
+    assert result.threshold == 10.0
+    assert bool(result.flagged.all())
+
+
+def test_memorisation_without_training_images_quarantines_the_batch(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    _, holdout = digits16
+    decision = filter_images(holdout.images[:5], SafetyContext(), build_detectors(["memorisation"]))
+    assert not bool(decision.published.any())
+    assert decision.records[0]["reasons"][0].startswith("detector memorisation failed:")
+    assert "train_images" in decision.records[0]["reasons"][0]
+
+
+# ----------------------------------------------------------------------------- invalid
+
+
+def test_blank_saturated_and_constant_images_are_quarantined(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, holdout = digits16
+    real = holdout.images[:20]
+    shape = (1, *real.shape[1:])
+    near_flat = noised(torch.full(shape, 128, dtype=torch.uint8), sigma=0.5)
+    bad = torch.cat(
+        [
+            torch.zeros(shape, dtype=torch.uint8),
+            torch.full(shape, 255, dtype=torch.uint8),
+            torch.full(shape, 128, dtype=torch.uint8),
+            near_flat,
+        ]
+    )
+    batch = torch.cat([real, bad])
+    decision = filter_images(
+        batch, SafetyContext(train_images=train.images), build_detectors(["invalid"])
+    )
+
+    assert decision.published.tolist() == [True] * 20 + [False] * 4
+    reasons = [r["reasons"] for r in decision.records[20:]]
+    assert reasons[0][0].startswith("invalid: blank: pixel std 0.0 < 2")
+    assert reasons[1][0].startswith("invalid: saturated")
+    assert reasons[2][0].startswith("invalid: constant")
+    assert decision.records[20]["scores"]["invalid"] == 0.0
+
+
+def test_non_finite_float_images_are_quarantined() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.rand((6, 1, 8, 8), generator=gen) * 2 - 1  # model space [-1, 1]
+    batch[1, 0, 3, 3] = float("nan")
+    batch[3, 0, 0, 0] = float("inf")
+    batch[4] = float("-inf")
+    train = (torch.rand((50, 1, 8, 8), generator=gen) * 255).to(torch.uint8)
+    context = SafetyContext(train_images=train)
+
+    decision = filter_images(batch, context, build_detectors(["invalid", "memorisation"]))
+
+    assert decision.published.tolist() == [True, False, True, False, False, True]
+    assert not decision.failures  # one bad image does not take the batch down
+    assert "non-finite: 1 NaN/inf" in decision.records[1]["reasons"][0]
+    assert decision.flagged["memorisation"].tolist() == [False, True, False, True, True, False]
+    json.dumps(decision.records, allow_nan=False)
+
+
+def test_wrong_dtype_or_shape_flags_every_image() -> None:
+    context = SafetyContext()
+    ints = torch.zeros((3, 1, 4, 4), dtype=torch.int32)
+    flat = torch.zeros((3, 16), dtype=torch.uint8)
+    for batch, words in [(ints, "dtype"), (flat, "shape")]:
+        decision = filter_images(batch, context, [InvalidImageDetector()])
+        assert not bool(decision.published.any())
+        assert all(words in r["reasons"][0] for r in decision.records)
+
+
+# ----------------------------------------------------------------------------- fail-closed
+
+
+def test_a_detector_that_raises_quarantines_the_whole_batch(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, holdout = digits16
+    images = holdout.images[:8]
+    before = images.clone()
+    broken = Fixed("broken", error=RuntimeError("out of cheese"))
+    decision = filter_images(
+        images, SafetyContext(train_images=train.images), [InvalidImageDetector(), broken]
+    )
+
+    assert not bool(decision.published.any())
+    for record in decision.records:
+        assert record["decision"] == "quarantine"
+        assert "detector broken failed: RuntimeError: out of cheese" in record["reasons"]
+        assert record["scores"]["broken"] is None
+        assert record["scores"]["invalid"] > 2.0  # the detectors that ran are still on record
+    assert decision.failures == {"broken": "RuntimeError: out of cheese"}
+    assert decision.flag_rates()["broken"] == 1.0
+    assert torch.equal(images, before)  # never substituted or blanked
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        DetectorResult(torch.ones(7), torch.zeros(8, dtype=torch.bool), [None] * 8),
+        DetectorResult(torch.ones(8), torch.zeros(7, dtype=torch.bool), [None] * 8),
+        DetectorResult(torch.ones(8), torch.zeros(8, dtype=torch.bool), [None] * 7),
+        DetectorResult(
+            torch.full((8,), float("nan")), torch.zeros(8, dtype=torch.bool), [None] * 8
+        ),
+        DetectorResult(torch.ones(8), torch.zeros(8), [None] * 8),
+        DetectorResult(
+            torch.ones(8), torch.zeros(8, dtype=torch.bool), [None] * 8, threshold=float("nan")
+        ),
+        "publish everything",
+    ],
+    ids=[
+        "short-scores",
+        "short-flags",
+        "short-reasons",
+        "nan-scores",
+        "float-flags",
+        "nan-threshold",
+        "str",
+    ],
+)
+def test_malformed_detector_output_quarantines_the_whole_batch(result: object) -> None:
+    images = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
+    decision = filter_images(
+        images, SafetyContext(), [InvalidImageDetector(), Fixed("odd", result)]
+    )
+    assert not bool(decision.published.any())
+    assert all(r["reasons"][0].startswith("detector odd failed:") for r in decision.records)
+
+
+def test_an_image_is_published_only_when_every_detector_passes_it() -> None:
+    images = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8)
+    flags_a = torch.tensor([False, True, False, False])
+    flags_b = torch.tensor([False, False, True, False])
+    a = Fixed("a", DetectorResult(torch.zeros(4), flags_a, [None, "a says no", None, None]))
+    b = Fixed("b", DetectorResult(torch.zeros(4), flags_b, [None, None, None, None]))
+    decision = filter_images(images, SafetyContext(), [a, b, Fixed("c", passing(4))])
+    assert decision.published.tolist() == [True, False, False, True]
+    assert decision.records[1]["reasons"] == ["a: a says no"]
+    assert decision.records[2]["reasons"] == ["b: flagged"]
+    assert decision.records[2]["flagged_by"] == ["b"]
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_unknown_detector_name_raises_and_lists_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="'nsfw'") as info:
+        build_detectors(["invalid", "nsfw"], {})
+    for name in DETECTORS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="'memorization'"):
+        build_detectors(["invalid"], {"memorization": {"threshold": 0.1}})
+    with pytest.raises(ValueError, match=r"memorisation.*bad options"):
+        build_detectors(["memorisation"], {"memorisation": {"treshold": 0.1}})
+    with pytest.raises(ValueError, match="more than once"):
+        build_detectors(["invalid", "invalid"], {})
+    with pytest.raises(ValueError, match="min_std"):
+        build_detectors(["invalid"], {"invalid": {"min_std": -1.0}})
+
+
+def test_build_detectors_passes_options_in_order() -> None:
+    invalid, memorisation = build_detectors(
+        ["invalid", "memorisation"],
+        {"invalid": {"min_std": 5.0}, "memorisation": {"relative_threshold": 0.1}},
+    )
+    assert isinstance(invalid, InvalidImageDetector) and invalid.min_std == 5.0
+    assert isinstance(memorisation, MemorisationDetector)
+    assert memorisation.relative_threshold == 0.1
+
+
+def test_no_detectors_is_an_error() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        filter_images(torch.zeros((1, 1, 4, 4), dtype=torch.uint8), SafetyContext(), [])
+    with pytest.raises(SafetyError):
+        filter_images(torch.tensor(1.0), SafetyContext(), [InvalidImageDetector()])
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def test_audit_records_and_flag_rates_add_up(
+    digits16: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, holdout = digits16
+    blank = torch.zeros((5, *train.images.shape[1:]), dtype=torch.uint8)
+    batch = torch.cat([train.images[:10], holdout.images[:30], blank])
+    n = len(batch)
+    decision = filter_images(
+        batch,
+        SafetyContext(train_images=train.images),
+        build_detectors(["invalid", "memorisation"]),
+    )
+
+    assert len(decision.records) == n
+    json.dumps(decision.records, allow_nan=False)
+    threshold = MemorisationDetector().threshold_for(train.images)
+    for i, record in enumerate(decision.records):
+        assert record["index"] == i
+        assert set(record["scores"]) == set(record["thresholds"]) == {"invalid", "memorisation"}
+        assert record["thresholds"] == {"invalid": 2.0, "memorisation": pytest.approx(threshold)}
+        assert all(isinstance(v, float) for v in record["scores"].values())
+        published = bool(decision.published[i])
+        assert record["decision"] == ("publish" if published else "quarantine")
+        assert (record["reasons"] == []) == published
+
+    counts = decision.counts()
+    assert counts == {"images": n, "published": 30, "quarantined": 15}
+    rates = decision.flag_rates()
+    assert rates == {"invalid": pytest.approx(5 / n), "memorisation": pytest.approx(10 / n)}
+    assert decision.flag_counts() == {"invalid": 5, "memorisation": 10}
+    either = decision.flagged["invalid"] | decision.flagged["memorisation"]
+    assert int(either.sum()) == counts["quarantined"]
+    assert counts["published"] + counts["quarantined"] == n
+    assert max(rates.values()) <= counts["quarantined"] / n <= sum(rates.values())
