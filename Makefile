@@ -27,10 +27,8 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	touch $@ $(VENV)/.run
 
 run: $(VENV)/.run
-	$(VENV)/bin/diffpipe train --config $(CONFIG)
-	$(VENV)/bin/diffpipe sample --checkpoint $(DIFFPIPE_HOME)/runs/quickstart/checkpoints \
-		--num 100 --out $(DIFFPIPE_HOME)/runs/quickstart/samples.png
-	@echo "samples: $(DIFFPIPE_HOME)/runs/quickstart/samples.png"
+	$(VENV)/bin/diffpipe run --config $(CONFIG) --summary-out $(DIFFPIPE_HOME)/last-run.json
+	@echo "summary: $(DIFFPIPE_HOME)/last-run.json"
 
 test: $(VENV)/.dev
 	$(VENV)/bin/pytest

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ def build_diffusers(lay: Layout) -> nn.Module:
     attn = [r in lay.attention_resolutions for r in res]
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    return UNet2DModel(
+    model = UNet2DModel(
         sample_size=lay.size,
         in_channels=lay.in_channels,
         out_channels=lay.in_channels,
@@ -101,6 +101,7 @@ def build_diffusers(lay: Layout) -> nn.Module:
         norm_num_groups=num_groups(lay.channels[0]),
         num_class_embeds=None if lay.num_classes is None else lay.num_classes + 1,
     )
+    return cast(nn.Module, model)
 
 
 def diffusers_fn(model: nn.Module) -> NetFn:

@@ -83,9 +83,13 @@ def _write_split(ds: ImageDataset, out: Path, name: str) -> None:
         save_file(tensors, out / f"{name}-{i:05d}.safetensors")
 
 
+def dataset_prefix(cfg: DataConfig) -> str:
+    return f"datasets/{_key(cfg.model_dump(mode='json'))}"
+
+
 def prepare_dataset(cfg: DataConfig, store: ArtefactStore) -> DatasetRef:
     """Load, split and store the dataset once per data config; later calls reuse it."""
-    prefix = f"datasets/{_key(cfg.model_dump(mode='json'))}"
+    prefix = dataset_prefix(cfg)
     if store.exists_dir(prefix):
         meta = store.read_json(f"{prefix}/meta.json")
         return DatasetRef(**meta["ref"], reused=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,8 @@ class UNet(nn.Module):
     mean of the context tokens, so every parameter takes part in every step (DDP-safe).
     """
 
+    freqs: Tensor  # (C0 / 2,) sinusoidal frequencies, a non-persistent buffer
+
     def __init__(
         self,
         *,
@@ -229,7 +232,8 @@ class UNet(nn.Module):
         self.norm_out = GroupNorm(num_groups(ch), ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if self.conv_out.bias is not None:
+            nn.init.zeros_(self.conv_out.bias)
 
         # One projection of the embedding gives every residual block its (scale, shift).
         self.film_sizes = [2 * m.out_ch for m in self.modules() if isinstance(m, ResBlock)]
@@ -242,7 +246,8 @@ class UNet(nn.Module):
         return self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.freqs))  # (B, E)
+        t_emb = timestep_embedding(t, self.freqs).to(self.conv_in.weight.dtype)  # (B, C0)
+        emb = self.time_mlp(t_emb)  # (B, E)
         if self.class_embed is not None:
             labels = cond.labels if cond is not None else None
             if labels is None:
@@ -353,4 +358,4 @@ def build_unet(
 
 def compile_unet(net: nn.Module, *, dynamic: bool = False) -> nn.Module:
     """``torch.compile`` (inductor) of a network; same results within bf16 tolerance."""
-    return torch.compile(net, dynamic=dynamic)
+    return cast(nn.Module, torch.compile(net, dynamic=dynamic))

@@ -226,6 +226,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Register deployments/prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    import subprocess
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageError(
+            "PREFECT_API_URL is not set: start a server (prefect server start) and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    prefect = [sys.executable, "-m", "prefect"]
+    pools = subprocess.run([*prefect, "work-pool", "ls"], capture_output=True, text=True)
+    if args.pool not in pools.stdout:
+        subprocess.run(
+            [*prefect, "work-pool", "create", args.pool, "--type", "process"], check=True
+        )
+    deploy = [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", args.prefect_file]
+    result = subprocess.run(deploy, cwd=Path(args.prefect_file).resolve().parents[1])
+    if result.returncode != 0:
+        print("diffpipe: prefect deploy failed", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"deployments registered; start a worker: prefect worker start --pool {args.pool}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument parsing.
 
@@ -294,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--summary-out", help="write the evaluation's summary JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("deploy", help="register the Prefect deployments (needs PREFECT_API_URL)")
+    p.add_argument("--prefect-file", default="deployments/prefect.yaml")
+    p.add_argument("--pool", default="diffpipe", help="process work pool (created when missing)")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("compare", help="table of a registered model's versions and their metrics")
     p.add_argument("--model", default="quickstart", help="registered model name")

@@ -196,7 +196,9 @@ def nightly(
     run_prefix = f"runs/{run_id}"
     try:
         with clock.step("prepare_dataset"):
-            dataset = steps.prepare_dataset(cfg.data.model_dump(mode="json"), target.artefact_root)
+            dataset = steps.prepare_dataset_cached(
+                cfg.data.model_dump(mode="json"), target.artefact_root
+            )
         with clock.step("train"):
             ckpt = steps.train(
                 cfg.to_dict(), dataset, target.artefact_root, run_prefix, target.work_dir

@@ -63,6 +63,14 @@ def prepare_dataset(data: dict[str, Any], artefact_root: str) -> stages.DatasetR
     return stages.prepare_dataset(DataConfig.model_validate(data), ArtefactStore(artefact_root))
 
 
+def prepare_dataset_cached(data: dict[str, Any], artefact_root: str) -> stages.DatasetRef:
+    """prepare_dataset, reusing a cached result only while its dataset is still committed in
+    the store (a cache entry outliving a deleted or unreachable dataset is refreshed)."""
+    prefix = stages.dataset_prefix(DataConfig.model_validate(data))
+    stale = not ArtefactStore(artefact_root).exists_dir(prefix)
+    return prepare_dataset.with_options(refresh_cache=stale)(data, artefact_root)
+
+
 @task(name="train", task_run_name="train-{run_prefix}", cache_policy=NO_CACHE, **io_retries)
 def train(
     config: dict[str, Any],

@@ -51,9 +51,11 @@ def harness(tmp_path_factory):
         MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
         PREFECT_LOGGING_EXTRA_LOGGERS="diffusion_core",
     )
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    results = {PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=results):
         yield home
     os.environ.clear()
     os.environ.update(saved)
@@ -150,3 +152,117 @@ def test_interrupted_training_resumes(harness, tmp_path, monkeypatch):
     assert summary["training"] == {"steps": 20, "steps_run": 10}
     version = mlflow.MlflowClient().get_model_version("resume", summary["model"]["version"])
     assert version.tags["checkpoint_url"].endswith("/checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# The same flow with its artefacts on S3 (moto's server on 127.0.0.1).
+
+
+@pytest.fixture(scope="module")
+def s3(harness, tmp_path_factory):
+    """A moto S3 server on loopback, a bucket, and the environment MLflow and s3fs read."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    aws = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_CONFIG_FILE", str(aws / "config"))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        env.delenv("AWS_PROFILE", raising=False)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="nightly")
+        try:
+            yield client
+        finally:
+            server.stop()
+
+
+def bucket_keys(client, bucket="nightly") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_nightly_on_s3(harness, s3, tmp_path):
+    config = write_config(tmp_path / "s3.yaml", artefact_root="s3://nightly/diffpipe")
+    summary = run_nightly(config, overrides={"name": "tiny-s3"}).result()
+    run = summary["run_id"]
+    keys = bucket_keys(s3)
+    assert summary["report_uri"] == f"s3://nightly/diffpipe/runs/{run}/report/index.html"
+    for expected in (
+        f"diffpipe/runs/{run}/checkpoint/ema.safetensors",
+        f"diffpipe/runs/{run}/samples/shard-00000/images.safetensors",
+        f"diffpipe/runs/{run}/safety/audit.jsonl",
+        f"diffpipe/runs/{run}/metrics.json",
+        f"diffpipe/runs/{run}/report/index.html",
+    ):
+        assert expected in keys, expected
+    assert any(k.startswith("diffpipe/datasets/") and k.endswith("manifest.json") for k in keys)
+    assert any(k.startswith("diffpipe/judges/") for k in keys)
+    # MLflow's artifacts (the registered model, the report copy) are in the bucket too.
+    assert any(k.startswith("diffpipe/mlflow/") and k.endswith("ema.safetensors") for k in keys)
+    assert any(k.startswith("diffpipe/mlflow/") and k.endswith("report/index.html") for k in keys)
+    # Nothing of this run on local disk outside the caches (training work dir, Prefect results).
+    local = [p for p in harness.rglob("*") if run in str(p)]
+    assert local == []
+    model = mlflow.pyfunc.load_model("models:/tiny-s3@challenger")
+    assert model.predict({"num_samples": 2, "steps": 2}).shape == (2, 8, 8, 1)
+
+
+def test_storage_outage_fails_cleanly(harness, s3, tmp_path, monkeypatch, capsys, caplog):
+    """The endpoint stops while the checkpoint is being stored: the task retries, the run fails
+    with a message naming the URL, and no checkpoint or model version becomes visible."""
+    from moto.server import ThreadedMotoServer
+
+    from diffusion_core.storage import ArtefactStore
+    from flows.cli import main
+    from tests.conftest import free_port
+
+    flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    flaky.start()
+    host, port = flaky.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://{host}:{port}")
+    s3.create_bucket(Bucket="outage")  # moto keeps one backend per process: both servers see it
+    original = ArtefactStore.put_dir
+    calls = []
+
+    def put_dir(self, prefix, local_dir):
+        if prefix.endswith("/checkpoint"):
+            calls.append(prefix)
+            flaky.stop()  # idempotent: later tries meet a closed port too
+        return original(self, prefix, local_dir)
+
+    monkeypatch.setattr(ArtefactStore, "put_dir", put_dir)
+    config = write_config(tmp_path / "outage.yaml", artefact_root="s3://outage/root")
+    code = main(["run", "--config", str(config), "--set", "name=outage"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "storage failed" in err and "s3://outage/root/" in err
+    assert len(calls) == 1  # the checkpoint upload met the outage ...
+    retries = [r.getMessage() for r in caplog.records if "Retry" in r.getMessage()]
+    assert any("Retry 2/2" in m for m in retries), retries  # ... and the task was retried twice
+    assert not [k for k in bucket_keys(s3, "outage") if "/checkpoint/" in k]
+    assert mlflow.MlflowClient().search_model_versions("name = 'outage'") == []
+    failed = mlflow.search_runs(experiment_names=["diffpipe-outage"])
+    assert list(failed["status"]) == ["FAILED"]
+
+
+def test_run_rejects_unknown_key_before_starting(tmp_path, capsys):
+    from flows.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"pipeline": {"shard": 2}}))
+    assert main(["run", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.shard" in err and "shards" in err

@@ -44,8 +44,8 @@ def make(
 def perturb_zero_init(net: UNet) -> UNet:
     """Give the zero-initialised output conv random weights so the output depends on the input."""
     with torch.no_grad():
-        net.conv_out.weight.normal_(0.0, 0.05)
-        net.conv_out.bias.normal_(0.0, 0.05)
+        for p in net.conv_out.parameters():
+            p.normal_(0.0, 0.05)
     return net
 
 
@@ -146,7 +146,7 @@ def test_every_parameter_gets_a_gradient(kwargs: dict[str, Any]) -> None:
     net(x, t, cond).square().mean().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert not missing, f"parameters without a gradient: {missing}"
-    zero = [n for n, p in net.named_parameters() if not p.grad.abs().sum() > 0]
+    zero = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     # Only embedding rows of classes absent from the batch may be zero; whole tensors may not.
     assert not zero, f"parameters with an all-zero gradient: {zero}"
 
@@ -227,6 +227,15 @@ def test_bf16_autocast_backward() -> None:
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
 
 
+def test_bf16_weights_forward() -> None:
+    net = perturb_zero_init(make(num_classes=4)).to(torch.bfloat16).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        out = net(x.bfloat16(), t, Cond(labels=torch.tensor([0, 1, 4])))
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize(
     ("overrides", "name"),
     [
@@ -269,11 +278,12 @@ def test_build_unet_from_config() -> None:
 def test_cuda_bf16_matches_cpu_fp32() -> None:
     net = perturb_zero_init(make(num_classes=4, context_dim=8)).eval()
     x, t = inputs()
-    cond = Cond(labels=torch.tensor([0, 1, 4]), context=torch.randn(3, 5, 8))
+    labels, context = torch.tensor([0, 1, 4]), torch.randn(3, 5, 8)
+    cond = Cond(labels=labels, context=context)
     with torch.no_grad():
         ref = net(x, t, cond)
         gpu = net.cuda()
-        cond_gpu = Cond(labels=cond.labels.cuda(), context=cond.context.cuda())
+        cond_gpu = Cond(labels=labels.cuda(), context=context.cuda())
         out32 = gpu(x.cuda(), t.cuda(), cond_gpu).cpu()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out16 = gpu(x.cuda(), t.cuda(), cond_gpu).float().cpu()

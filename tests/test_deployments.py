@@ -1,0 +1,153 @@
+"""A real `prefect server start` on loopback: the deployments register from prefect.yaml, and a
+registration's event starts the evaluation deployment, which a process worker runs to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import free_port
+from tests.test_pipeline import PIPELINE_TINY
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, *, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own SQLite database; stopped afterwards."""
+    home = tmp_path_factory.mktemp("server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "DIFFPIPE_HOME": str(home / "diffpipe"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "DIFFPIPE_RETRY_DELAYS": "0.5,1",
+        "DO_NOT_TRACK": "1",
+    }
+    log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, timeout=120, what="the Prefect server")
+        yield env, home
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+async def _deployments():
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return await client.read_deployments()
+
+
+async def _flow_runs(deployment_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async with get_client() as client:
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
+def test_deployments_and_triggered_evaluation(server, tmp_path, monkeypatch):
+    env, home = server
+    for key in ("DIFFPIPE_HOME", "MLFLOW_TRACKING_URI", "DIFFPIPE_RETRY_DELAYS"):
+        monkeypatch.setenv(key, env[key])
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        check_deployments_and_trigger(env, home, tmp_path)
+
+
+def check_deployments_and_trigger(env, home, tmp_path):
+    # Register the deployments from deployments/prefect.yaml.
+    deploy = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "deploy"], env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    deployments = {d.name: d for d in asyncio.run(_deployments())}
+    assert set(deployments) == {"nightly-train", "evaluate", "compare"}
+    nightly = deployments["nightly-train"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.parameters["evaluate"] is False
+
+    # A worker for the process pool, then a training run that registers a model.
+    worker_log = open(home / "worker.log", "w")  # noqa: SIM115 - lives as long as the worker
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "diffpipe",
+         "--limit", "1"],
+        env=env, cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        config = tmp_path / "tiny.yaml"
+        config.write_text(yaml.safe_dump(PIPELINE_TINY | {"name": "triggered"}))
+        from flows.pipeline import nightly as nightly_flow
+
+        summary = nightly_flow(config_path=str(config), evaluate=False)
+        assert summary["model"]["version"] == "1"
+
+        # The registration event starts the evaluate deployment; the worker runs it through.
+        evaluate_id = deployments["evaluate"].id
+
+        def finished():
+            runs = asyncio.run(_flow_runs(evaluate_id))
+            done = [r for r in runs if r.state and r.state.is_final()]
+            return done[0] if done else None
+
+        run = wait_for(finished, timeout=420, what="the triggered evaluation", interval=3)
+        log = (home / "worker.log").read_text()[-3000:]
+        assert run.state.is_completed(), f"{run.state}\n{log}"
+        assert run.parameters["model_uri"] == "models:/triggered/1"
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        worker_log.close()
+
+    import mlflow
+
+    version = mlflow.MlflowClient().get_model_version("triggered", "1")
+    assert "diffpipe.evaluation" in version.tags  # the evaluation recorded its metrics
+    assert "champion" in version.aliases
