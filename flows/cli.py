@@ -165,11 +165,10 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
 def _prefect_env() -> None:
     """Embedded defaults: Prefect's local API on SQLite under DIFFPIPE_HOME (unless the user
-    points PREFECT_API_URL at a server), and the library's logs in the run logs."""
+    points PREFECT_API_URL at a server)."""
     home = diffpipe_home().resolve()
     os.environ.setdefault("DIFFPIPE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "diffusion_core")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")

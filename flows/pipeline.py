@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.logging.handlers import APILogHandler
 
 from diffusion_core import stages
 from diffusion_core.config import RunConfig, load_config
@@ -25,6 +27,19 @@ from diffusion_core.storage import ArtefactStore, default_root
 from tasks import steps, tracking
 
 REGISTERED_EVENT = "diffpipe.model.registered"
+
+
+def _ship_library_logs() -> None:
+    """Send diffusion_core's log records to the Prefect run logs (what the setting
+    PREFECT_LOGGING_EXTRA_LOGGERS does, independent of when prefect was first imported)."""
+    logger = logging.getLogger("diffusion_core")
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
+_ship_library_logs()
 
 
 @dataclass

@@ -102,6 +102,7 @@ def start_run(
 ) -> str:
     c = client(uri)
     run = c.create_run(experiment_id(uri, experiment, artefact_root), run_name=run_name, tags=tags)
+    c.log_dict(run.info.run_id, params, "config.json")
     items = list(flatten(params).items())
     for i in range(0, len(items), 100):
         c.log_batch(

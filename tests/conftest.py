@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 TINY = {
@@ -42,6 +44,15 @@ def tiny_config_file(tmp_path: Path, tiny_config_dict: dict) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict))
     return path
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Small tensors: intra-op threads only add contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

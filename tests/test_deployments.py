@@ -95,10 +95,29 @@ def test_deployments_and_triggered_evaluation(server, tmp_path, monkeypatch):
     env, home = server
     for key in ("DIFFPIPE_HOME", "MLFLOW_TRACKING_URI", "DIFFPIPE_RETRY_DELAYS"):
         monkeypatch.setenv(key, env[key])
+    import mlflow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        check_deployments_and_trigger(env, home, tmp_path)
+        try:
+            check_deployments_and_trigger(env, home, tmp_path)
+        finally:
+            drain_prefect_workers()  # while the server is up: later tests get clean workers
+
+
+def drain_prefect_workers() -> None:
+    """Flush this process's log and event workers to the server they were started for."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        for result in (APILogWorker.drain_all(timeout=30), EventsWorker.drain_all(timeout=30)):
+            if asyncio.iscoroutine(result) or asyncio.isfuture(result):
+                await result
+
+    run_coro_as_sync(drain())
 
 
 def check_deployments_and_trigger(env, home, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ from diffusion_core.guidance import (
 )
 from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 NUM_TRAIN = 1000
@@ -44,15 +45,6 @@ def conditional() -> tuple[Tensor, Tensor]:
     mean = MU[UNKNOWN_IDX] + s_uk @ torch.linalg.solve(s_kk, X_KNOWN - MU[KNOWN_IDX])
     cov = SIGMA[UNKNOWN_IDX][:, UNKNOWN_IDX] - s_uk @ torch.linalg.solve(s_kk, s_uk.T)
     return mean, cov
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

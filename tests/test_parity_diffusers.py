@@ -11,7 +11,6 @@ float32 scheduler.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,6 +19,8 @@ from torch import Tensor
 from diffusion_core.parameterization import PREDICTIONS, Denoiser
 from diffusion_core.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -34,15 +35,6 @@ ATOL64 = 1e-9
 # each step carries a relative rounding of ~6e-8; measured max difference ~1e-6 over 20 steps.
 ATOL_DPM = 2e-5
 PARAM_CASES = [("epsilon", "eps"), ("v_prediction", "v")]  # (diffusers name, ours)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LinearNet:

@@ -4,6 +4,7 @@ and on S3 (moto's server on 127.0.0.1), including a storage outage and an interr
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from pathlib import Path
@@ -13,31 +14,15 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import TINY
+
 pytestmark = pytest.mark.slow
 
-PIPELINE_TINY = {
-    "name": "tiny",
-    "data": {"kind": "digits", "image_size": 8},
-    "model": {
-        "base_channels": 16,
-        "channel_mults": [1, 2],
-        "num_res_blocks": 1,
-        "attention_resolutions": [4],
-        "num_heads": 2,
-    },
-    "diffusion": {"num_steps": 100},
-    "train": {
-        "steps": 20,
-        "batch_size": 32,
-        "lr": 2e-3,
-        "warmup_steps": 2,
-        "checkpoint_every": 10,
-        "log_every": 5,
-        "num_threads": 2,
-    },
-    "sample": {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5, "batch_size": 64},
-    "pipeline": {"num_samples": 60, "shards": 2},
-}
+PIPELINE_TINY = copy.deepcopy(TINY)
+PIPELINE_TINY["train"].update(steps=20, batch_size=32, lr=2e-3, checkpoint_every=10, log_every=5,
+                              num_threads=2)  # fmt: skip
+PIPELINE_TINY["sample"] = {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5, "batch_size": 64}
+PIPELINE_TINY["pipeline"] = {"num_samples": 60, "shards": 2}
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +34,12 @@ def harness(tmp_path_factory):
         DIFFPIPE_HOME=str(home),
         DIFFPIPE_RETRY_DELAYS="0.5,1",
         MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-        PREFECT_LOGGING_EXTRA_LOGGERS="diffusion_core",
     )
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     results = {PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     with prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=results):
         yield home
     os.environ.clear()
@@ -75,6 +60,16 @@ async def _task_runs(flow_run_id):
     async with get_client() as client:
         return await client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+async def _logs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        return await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
         )
 
 
@@ -113,7 +108,13 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     report = Path(summary["report_uri"].removeprefix("file://"))
     assert report.is_file() and "<html" in report.read_text().lower()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"])}
-    assert "report" in artifacts
+    assert {"report", "config.json"} <= artifacts
+    loss_curve = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/loss")
+    assert [m.step for m in loss_curve] == [5, 10, 15, 20]
+
+    # The library's own log lines reach the Prefect run logs.
+    logs = asyncio.run(_logs(state.state_details.flow_run_id))
+    assert any(r.name.startswith("diffusion_core") for r in logs), {r.name for r in logs}
 
     # Re-running reuses the prepared dataset (a cache hit, no rework) and registers a new version.
     state = run_nightly(config)

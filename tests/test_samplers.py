@@ -9,7 +9,6 @@ samples of N(mu, Sigma) up to its discretisation error.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +25,8 @@ from diffusion_core.samplers import (
     sample_dpmpp_2m,
 )
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 F64 = torch.float64
 MU = torch.tensor([0.5, -1.0, 0.25], dtype=F64)
@@ -48,15 +49,6 @@ CASES: dict[str, tuple[str, int, str, dict[str, Any], float]] = {
     "ddim50_eta1": ("ddim", 50, "leading", {"eta": 1.0}, 0.158),
     "dpmpp20": ("dpmpp_2m", 20, "linspace", {}, 0.017),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small tensors: intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
