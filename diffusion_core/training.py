@@ -502,6 +502,12 @@ def train(
             )
             if on_log is not None and rank == 0:
                 on_log(record)
+            if not progress and rank == 0:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.0f img/s",
+                    step_fn.step, tc.steps, record["loss"], record["lr"],
+                    record["images_per_second"],
+                )  # fmt: skip
             window_loss, window_t, window_n = 0.0, now, 0
 
         # Save a checkpoint.
