@@ -170,7 +170,6 @@ def _prefect_env() -> None:
     os.environ.setdefault("DIFFPIPE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes no parents
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "diffusion_core")  # console and API
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -335,11 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.func not in (cmd_run, cmd_evaluate):  # flows log through Prefect's handlers
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.func in (cmd_run, cmd_evaluate):  # Prefect's handlers print the library's records
+        logging.getLogger("diffusion_core").setLevel(level)
+    else:
+        logging.basicConfig(level=level, format=fmt)
     from diffusion_core.config import ConfigError
     from diffusion_core.data import DatasetError
     from diffusion_core.storage import StorageError

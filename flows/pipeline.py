@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
@@ -29,12 +30,22 @@ from tasks import steps, tracking
 REGISTERED_EVENT = "diffpipe.model.registered"
 
 
+class _InRun(logging.Filter):
+    """Only records made inside a flow or task run go to the API (the library is also used
+    outside flows, where there is no run to attach them to)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 def _ship_library_logs() -> None:
     """Send diffusion_core's log records to the Prefect run logs (what the setting
     PREFECT_LOGGING_EXTRA_LOGGERS does, independent of when prefect was first imported)."""
     logger = logging.getLogger("diffusion_core")
     if not any(isinstance(h, APILogHandler) for h in logger.handlers):
-        logger.addHandler(APILogHandler())
+        handler = APILogHandler()
+        handler.addFilter(_InRun())
+        logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
 
