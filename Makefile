@@ -36,6 +36,7 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy diffusion_core
 
 bench: $(VENV)/.dev
 	$(PY) bench/train_throughput.py

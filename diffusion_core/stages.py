@@ -284,17 +284,11 @@ def safety_filter(
         with open(out / "audit.jsonl", "w") as f:
             for record in decision.records:
                 f.write(json.dumps(record) + "\n")
-        summary = {
-            "published": int(keep.sum()),
-            "quarantined": int((~keep).sum()),
-            "flag_rates": decision.flag_rates(),
-            "detectors": detectors,
-        }
+        ref = SafetyRef(out_prefix, int(keep.sum()), int((~keep).sum()), decision.flag_rates())
+        summary = {**asdict(ref), "detectors": detectors}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         store.put_dir(out_prefix, out)
-    return SafetyRef(
-        out_prefix, summary["published"], summary["quarantined"], summary["flag_rates"]
-    )
+    return ref
 
 
 def read_published(store: ArtefactStore, safety_prefix: str) -> dict[str, Tensor]:
