@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,6 @@ def start_run(
 def log_metrics(
     uri: str, run_id: str, metrics: dict[str, float], *, step: int | None = None
 ) -> None:
-    import time
-
     now = int(time.time() * 1000)
     batch = [
         mlflow.entities.Metric(k, float(v), now, step or 0)
@@ -129,7 +128,7 @@ def log_metrics(
 
 def log_history(uri: str, run_id: str, history: list[dict[str, float]]) -> None:
     """The training curve as step-indexed metrics (loss, lr, img/s)."""
-    now = int(__import__("time").time() * 1000)
+    now = int(time.time() * 1000)
     batch = [
         mlflow.entities.Metric(f"train/{k}", float(v), now, int(h["step"]))
         for h in history
