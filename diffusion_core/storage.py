@@ -164,10 +164,14 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def diffpipe_home() -> Path:
+    """``$DIFFPIPE_HOME`` as an absolute path; ``./.diffpipe`` when unset or empty."""
+    return Path(os.path.expanduser(os.environ.get("DIFFPIPE_HOME") or ".diffpipe")).absolute()
+
+
 def default_root() -> str:
-    """``file://$DIFFPIPE_HOME/artefacts``; ``DIFFPIPE_HOME`` defaults to ``./.diffpipe``."""
-    home = os.path.expanduser(os.environ.get("DIFFPIPE_HOME") or ".diffpipe")
-    return "file://" + os.path.join(os.path.abspath(home), "artefacts")
+    """``file://$DIFFPIPE_HOME/artefacts``."""
+    return "file://" + str(diffpipe_home() / "artefacts")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -25,10 +25,6 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
-def diffpipe_home() -> Path:
-    return Path(os.environ.get("DIFFPIPE_HOME", ".diffpipe"))
-
-
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``train.steps=100`` style overrides; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -83,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from diffusion_core.data import load_dataset, split_dataset
+    from diffusion_core.storage import diffpipe_home
     from diffusion_core.training import train
 
     out = Path(args.out) if args.out else diffpipe_home() / "runs" / cfg.name
@@ -166,7 +163,9 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 def _prefect_env() -> None:
     """Embedded defaults: Prefect's local API on SQLite under DIFFPIPE_HOME (unless the user
     points PREFECT_API_URL at a server)."""
-    home = diffpipe_home().resolve()
+    from diffusion_core.storage import diffpipe_home
+
+    home = diffpipe_home()
     os.environ.setdefault("DIFFPIPE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes no parents
@@ -195,14 +194,14 @@ def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)  # validate before anything starts
+    overrides = parse_overrides(args.set or [])
+    from diffusion_core.config import load_config
+
+    load_config(args.config, overrides)  # validate before anything starts
     _prefect_env()
     from flows.pipeline import nightly
 
-    overrides = parse_overrides(args.set or [])
-    summary = nightly(config_path=str(args.config), overrides=overrides or None)
-    _finish(summary, args)
-    log.debug("config %s done", cfg.name)
+    _finish(nightly(config_path=str(args.config), overrides=overrides or None), args)
     return 0
 
 

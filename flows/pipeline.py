@@ -24,7 +24,7 @@ from prefect.logging.handlers import APILogHandler
 
 from diffusion_core import stages
 from diffusion_core.config import RunConfig, load_config
-from diffusion_core.storage import ArtefactStore, default_root
+from diffusion_core.storage import ArtefactStore, default_root, diffpipe_home
 from tasks import steps, tracking
 
 REGISTERED_EVENT = "diffpipe.model.registered"
@@ -78,7 +78,7 @@ class Target:
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> Target:
-        home = tracking.diffpipe_home()
+        home = diffpipe_home()
         return cls(
             artefact_root=ArtefactStore(cfg.pipeline.artefact_root or default_root()).root,
             tracking_uri=tracking.tracking_uri(cfg.pipeline.tracking_uri),
@@ -275,7 +275,7 @@ def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str,
     dataset = stages.DatasetRef(**json.loads(version.tags["diffpipe.dataset"]))
     checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
     cfg = stages.checkpoint_config(ArtefactStore(root), checkpoint_prefix)
-    target = Target(root, uri, str(tracking.diffpipe_home() / "work"))
+    target = Target(root, uri, str(diffpipe_home() / "work"))
     model = tracking.ModelRef(version.name, str(version.version), list(version.aliases), model_uri)
     clock = StepClock()
     run_id = tracking.start_run(

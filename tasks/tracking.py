@@ -22,16 +22,12 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from diffusion_core.storage import ArtefactStore
+from diffusion_core.storage import ArtefactStore, diffpipe_home
 
 log = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
-
-
-def diffpipe_home() -> Path:
-    return Path(os.environ.get("DIFFPIPE_HOME", ".diffpipe")).resolve()
 
 
 def tracking_uri(configured: str | None = None) -> str:
