@@ -123,9 +123,16 @@ def prepare_dataset(cfg: DataConfig, store: ArtefactStore) -> DatasetRef:
 
 
 def read_split(store: ArtefactStore, ref: DatasetRef, split: str) -> ImageDataset:
-    """One split of a stored dataset, every shard verified against the manifest."""
+    """One split of a stored dataset (only its shards are fetched), each verified against the
+    manifest."""
+    files = store.read_manifest(ref.prefix)["files"]
+    wanted = [rel for rel in sorted(files) if rel.startswith(f"{split}-") or rel == "meta.json"]
     with tempfile.TemporaryDirectory() as tmp:
-        store.get_dir(ref.prefix, tmp)
+        for rel in wanted:
+            entry = files[rel]
+            store.get_file(
+                f"{ref.prefix}/{rel}", Path(tmp) / rel, sha256=entry["sha256"], size=entry["size"]
+            )
         shards = sorted(Path(tmp).glob(f"{split}-*.safetensors"))
         parts = [load_file(p) for p in shards]
         meta = json.loads((Path(tmp) / "meta.json").read_text())
