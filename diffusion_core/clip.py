@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import fsspec
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,15 @@ class ClipModel:
     """A frozen open_clip model with cached prompt embeddings and uint8 image input."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: object, *, name: str, weights_sha256: str | None
+        self,
+        model: Any,
+        tokenizer: Callable[[list[str]], Tensor],
+        *,
+        name: str,
+        weights_sha256: str | None,
     ) -> None:
         # open_clip's CLIP classes are untyped; Any keeps their attributes usable.
-        self.model: Any = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
         self.weights_sha256 = weights_sha256
