@@ -73,6 +73,7 @@ class ReportData:
     sweep: list[dict[str, Any]] = field(default_factory=list)  # sampler, nfe, wall_seconds, fid
     notes: list[str] = field(default_factory=list)
     interval_level: float = 0.95
+    inpainting: list[dict[str, Any]] = field(default_factory=list)  # inpaint_eval rows
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -474,6 +475,49 @@ def _schedule_section(report: ReportData, img_dir: Path) -> _Section | None:
     return _Section("schedule", "Noise schedule", body)
 
 
+_INPAINT_COLUMNS = {
+    "mask": "Mask",
+    "method": "Method",
+    "resample": "Resample r",
+    "nfe": "NFE",
+    "psnr": "PSNR (dB)",
+    "mse": "MSE",
+    "seam": "Seam",
+    "seam_real": "Seam (real)",
+    "seam_ratio": "Seam / real",
+    "known_changed": "Known values changed",
+    "seconds": "Seconds",
+}
+
+
+def _inpainting_section(report: ReportData) -> _Section | None:
+    if not report.inpainting:
+        return None
+    rows = report.inpainting
+    changed = sum(int(row["known_changed"]) for row in rows)
+    exact = (
+        "The known region of every completion equals the input exactly."
+        if changed == 0
+        else f"{changed:,} known-region values differ from the input: inpainting is broken."
+    )
+    count = f"{int(rows[0]['num_images']):,} holdout" if "num_images" in rows[0] else "Holdout"
+    lead = (
+        f'<p class="lead">{count} images per mask, completed without class labels. '
+        "RePaint (Lugmayr et al. 2022) resamples r times every j steps; r = 1 is plain "
+        "replacement. PSNR and MSE on "
+        "[0, 1] over the filled pixels against the real image; the seam is the mean absolute "
+        "step across the mask boundary, beside the same on the real image (ratio 1 = as smooth "
+        f"as the real image). {_e(exact)}</p>"
+    )
+    columns = [c for c in _INPAINT_COLUMNS if any(c in row for row in rows)]
+    table = _table(
+        columns,
+        ([row.get(c) for c in columns] for row in rows),
+        headings=[_INPAINT_COLUMNS[c] for c in columns],
+    )
+    return _Section("inpainting", "Inpainting", lead + table)
+
+
 def _config_section(report: ReportData) -> _Section | None:
     if not report.config:
         return None
@@ -502,6 +546,7 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         _sweep_section(report, img_dir),
         _training_section(report, img_dir),
         _schedule_section(report, img_dir),
+        _inpainting_section(report),
         _config_section(report),
     ]
     sections = [s for s in candidates if s is not None]
