@@ -109,6 +109,12 @@ class InpaintEvalConfig(StrictModel):
     resample: int = Field(10, ge=2)  # RePaint's resampling count r (1 is the replacement baseline)
     seed: int = 0  # for the stroke masks
 
+    @model_validator(mode="after")
+    def _distinct_masks(self) -> InpaintEvalConfig:
+        if len(set(self.masks)) != len(self.masks):
+            raise ValueError(f"masks must be distinct, got {list(self.masks)}")
+        return self
+
 
 class PipelineConfig(StrictModel):
     """Where a pipeline run keeps things, and how much it samples."""

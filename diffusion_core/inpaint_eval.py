@@ -186,21 +186,38 @@ def methods(cfg: InpaintEvalConfig) -> list[Method]:
     return [Method("repaint", cfg.jump_length, cfg.resample), Method("replacement", 1, 1)]
 
 
+@dataclass(frozen=True)
+class InpaintResult:
+    rows: list[dict[str, Any]]  # one per (mask kind, method)
+    examples: Tensor  # uint8 (masks x 4 x k, C, H, W): masked input, each method, real; k each
+
+
+def _masked_input(images: Tensor, mask: Tensor) -> Tensor:
+    """The input as the model sees it: the unknown region shown mid-grey."""
+    return torch.where(mask == 1, images, torch.full_like(images, 128))
+
+
 def evaluate_inpainting(
     net: nn.Module,
     spec: ModelSpec,
     sc: SampleConfig,
     images: Tensor,
     cfg: InpaintEvalConfig,
-) -> list[dict[str, Any]]:
-    """One row per (mask kind, method) on uint8 ``images`` (N, C, H, W), unconditionally.
+    *,
+    examples: int = 4,
+) -> InpaintResult:
+    """One row per (mask kind, method) on the first ``cfg.num_images`` of uint8 ``images``
+    (N, C, H, W), completed without class labels; and, per mask kind, the first ``examples``
+    images as rows of masked input, each method's completion and the real image.
 
     Raises ``InpaintingError`` when a completion changed any known pixel.
     """
     images = images[: cfg.num_images]
-    rows = []
+    k = min(examples, len(images))
+    rows, shown = [], []
     for kind in cfg.masks:
         mask = standard_mask(kind, len(images), spec.image_size, seed=cfg.seed)
+        shown.append(_masked_input(images[:k], mask[:k]))
         for method in methods(cfg):
             t0 = time.perf_counter()
             filled = inpaint_images(
@@ -214,6 +231,7 @@ def evaluate_inpainting(
                     f"{method.name} inpainting with the {kind} mask changed "
                     f"{score.known_changed} known pixel values"
                 )
+            shown.append(filled[:k])
             rows.append(
                 {
                     "mask": kind,
@@ -231,7 +249,8 @@ def evaluate_inpainting(
                     "seconds": round(seconds, 3),
                 }
             )
-    return rows
+        shown.append(images[:k])
+    return InpaintResult(rows, torch.cat(shown))
 
 
 def inpainting_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -10,7 +10,7 @@ orchestrator can pass on. Layout under the store's root:
     <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
     <run>/safety/                   published.safetensors, quarantine.safetensors, audit.jsonl
     <run>/metrics.json
-    <run>/inpainting.json           RePaint vs replacement per mask kind (when enabled)
+    <run>/inpainting/               summary.json (RePaint vs replacement), examples.safetensors
     <run>/report/                   index.html, img/*.png
 
 ``<run>`` is ``runs/<run id>`` for a pipeline run and ``evaluations/<id>`` for an evaluation.
@@ -395,6 +395,7 @@ def evaluate_samples(
 
 @dataclass(frozen=True)
 class InpaintEvaluation:
+    prefix: str
     metrics: dict[str, float]  # inpaint/<mask>/<method>/<stat>, inpaint/known_region_exact
     rows: list[dict[str, Any]]  # one per (mask kind, method)
 
@@ -406,19 +407,30 @@ def evaluate_inpainting(
     *,
     sample: SampleConfig,
     config: InpaintEvalConfig,
-    out_key: str,
+    out_prefix: str,
 ) -> InpaintEvaluation:
     """RePaint against plain replacement on the first holdout images with the standard masks;
-    rows and metrics are committed as JSON at ``out_key``."""
+    commits ``summary.json`` (rows, metrics, config) and ``examples.safetensors`` (the report's
+    example completions) under ``out_prefix``."""
     holdout = read_split(store, dataset, "holdout")
     with tempfile.TemporaryDirectory() as tmp:
         net, spec = load_model(fetch_checkpoint(store, checkpoint_prefix, Path(tmp) / "ckpt"))
-    rows = inpaint_eval.evaluate_inpainting(net, spec, sample, holdout.images, config)
-    metrics = inpaint_eval.inpainting_metrics(rows)
-    store.write_json(
-        out_key, {"metrics": metrics, "rows": rows, "config": config.model_dump(mode="json")}
-    )
-    return InpaintEvaluation(metrics, rows)
+    result = inpaint_eval.evaluate_inpainting(net, spec, sample, holdout.images, config)
+    metrics = inpaint_eval.inpainting_metrics(result.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = {"metrics": metrics, "rows": result.rows, "config": config.model_dump()}
+        (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_file({"images": result.examples.contiguous()}, Path(tmp) / "examples.safetensors")
+        store.put_dir(out_prefix, tmp)
+    return InpaintEvaluation(out_prefix, metrics, result.rows)
+
+
+def read_inpainting(store: ArtefactStore, prefix: str) -> tuple[list[dict[str, Any]], Tensor]:
+    """The rows and example images committed by ``evaluate_inpainting``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_dir(prefix, tmp)
+        rows = json.loads((Path(tmp) / "summary.json").read_text())["rows"]
+        return rows, load_file(Path(tmp) / "examples.safetensors")["images"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +450,7 @@ class ReportInputs:
     history: list[dict[str, float]] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    inpainting: list[dict[str, Any]] = field(default_factory=list)
+    inpainting_prefix: str | None = None  # an evaluate_inpainting output, when it ran
 
 
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
@@ -476,8 +488,9 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         comparison=inputs.comparison,
         sweep=[],
         notes=inputs.notes,
-        inpainting=inputs.inpainting,
     )
+    if inputs.inpainting_prefix is not None:
+        data.inpainting, data.inpainting_examples = read_inpainting(store, inputs.inpainting_prefix)
     prefix = f"{inputs.run_prefix}/report"
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), data)

@@ -141,7 +141,7 @@ def evaluate_chain(
         with clock.step("inpaint_evaluate"):
             inpainting = steps.inpaint_evaluate(
                 root, checkpoint_prefix, dataset, cfg.sample.model_dump(mode="json"),
-                pc.inpainting.model_dump(mode="json"), f"{run_prefix}/inpainting.json",
+                pc.inpainting.model_dump(mode="json"), f"{run_prefix}/inpainting",
             )  # fmt: skip
     with clock.step("compare"):
         decision = steps.compare_promote(target.tracking_uri, model, evaluation)
@@ -155,7 +155,7 @@ def evaluate_chain(
                 model_version=model.version, config=cfg.to_dict(), dataset=dataset,
                 safety=safety, metrics=evaluation.metrics, history=history,
                 comparison=comparison, notes=[decision["reason"]],
-                inpainting=[] if inpainting is None else inpainting.rows,
+                inpainting_prefix=None if inpainting is None else inpainting.prefix,
             ),
         )  # fmt: skip
     tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)

@@ -96,6 +96,8 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
             channels=self.spec.in_channels,
         )
         n = int(request.pop("num_samples", len(known)))
+        if n < 1:
+            raise ValueError(f"num_samples must be at least 1, got {n}")
         if n != len(known):
             if len(known) != 1:
                 raise ValueError(f"num_samples {n} with {len(known)} images; give one image")

@@ -166,7 +166,7 @@ def inpaint_evaluate(
     dataset: stages.DatasetRef,
     sample_config: dict[str, Any],
     inpaint_config: dict[str, Any],
-    out_key: str,
+    out_prefix: str,
 ) -> stages.InpaintEvaluation:
     return stages.evaluate_inpainting(
         ArtefactStore(artefact_root),
@@ -174,7 +174,7 @@ def inpaint_evaluate(
         dataset,
         sample=SampleConfig.model_validate(sample_config),
         config=InpaintEvalConfig.model_validate(inpaint_config),
-        out_key=out_key,
+        out_prefix=out_prefix,
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion_core import inpaint_eval
 from diffusion_core.config import ConfigError, InpaintEvalConfig, RunConfig, parse_config
@@ -135,7 +136,9 @@ EVAL = InpaintEvalConfig(enabled=True, num_images=3, jump_length=2, resample=2)
 def test_evaluate_inpainting_rows(tiny_model):
     net, spec = tiny_model
     sc = spec.config.sample.model_copy(update={"steps": 4})
-    rows = evaluate_inpainting(net, spec, sc, _images(5, 8), EVAL)
+    images = _images(5, 8)
+    result = evaluate_inpainting(net, spec, sc, images, EVAL, examples=2)
+    rows = result.rows
     assert [(r["mask"], r["method"]) for r in rows] == [
         (m, k) for m in ("centre", "strokes", "half") for k in ("repaint", "replacement")
     ]
@@ -144,6 +147,13 @@ def test_evaluate_inpainting_rows(tiny_model):
         assert row["nfe"] == (4 if row["method"] == "replacement" else 6)  # 4 + 1 * 2
         assert 0 < row["mse"] < 1 and row["psnr"] == pytest.approx(psnr(row["mse"]))
         assert row["seam_ratio"] == pytest.approx(row["seam"] / row["seam_real"])
+    # Per mask: 2 masked inputs (grey where unknown), 2 per method, then the 2 real images.
+    ex = result.examples
+    assert ex.shape == (3 * 4 * 2, 1, 8, 8) and ex.dtype == torch.uint8
+    half = half_mask(8)
+    assert torch.equal(ex[16:18], torch.where(half == 1, images[:2], 128))
+    assert torch.equal(ex[22:24], images[:2])
+    assert torch.equal(ex[18:20][..., :4], images[:2][..., :4])  # RePaint keeps the known half
     metrics = inpainting_metrics(rows)
     assert metrics["inpaint/known_region_exact"] == 1.0
     assert metrics["inpaint/half/repaint/psnr"] == rows[4]["psnr"]
@@ -175,6 +185,8 @@ def test_inpainting_config_is_strict():
         parse_config({"pipeline": {"inpainting": {"resample": 1}}})
     with pytest.raises(ConfigError, match=r"pipeline\.inpainting\.masks"):
         parse_config({"pipeline": {"inpainting": {"masks": ["ring"]}}})
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_config({"pipeline": {"inpainting": {"masks": ["half", "half"]}}})
 
 
 def test_report_inpainting_section(tmp_path: Path, tiny_model):
@@ -188,10 +200,20 @@ def test_report_inpainting_section(tmp_path: Path, tiny_model):
     ]  # fmt: skip
     page = write_report(
         tmp_path / "r",
-        ReportData(title="t", run_id="r", model_name="m", model_version="1", inpainting=rows),
-    ).read_text()
+        ReportData(title="t", run_id="r", model_name="m", model_version="1", inpainting=rows,
+                   inpainting_examples=_images(12, 8)),  # one mask: 4 rows of 3 images
+    ).read_text()  # fmt: skip
     assert 'id="inpainting"' in page and "Seam / real" in page and "replacement" in page
     assert "equals the input exactly" in page and "32 holdout images" in page
+    assert 'src="img/inpainting.png"' in page and "4 rows of 3 holdout images" in page
+    with Image.open(tmp_path / "r" / "img" / "inpainting.png") as grid:
+        assert grid.size == (4 * (3 * 9 + 1), 4 * (4 * 9 + 1))  # 1-pixel gaps, shown 4x
+    rows[0]["known_changed"] = 3
+    page = write_report(
+        tmp_path / "b",
+        ReportData(title="t", run_id="r", model_name="m", model_version="1", inpainting=rows),
+    ).read_text()
+    assert "3 known-region values differ" in page and "inpainting.png" not in page
     empty = write_report(
         tmp_path / "e", ReportData(title="t", run_id="r", model_name="m", model_version="1")
     ).read_text()

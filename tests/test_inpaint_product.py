@@ -216,6 +216,7 @@ def test_pyfunc_inpainting_request(registry):
         ({"image": np.zeros((4, 4), np.uint8), "mask": "MASK"}, "'image' must be"),
         ({"image": "IMG", "mask": np.ones((2, 2))}, "'mask' must be"),
         ({"image": np.zeros((8, 8)) + 0.5, "mask": "MASK"}, "integers in \\[0, 255\\]"),
+        ({"image": "IMG", "mask": "MASK", "num_samples": 0}, "at least 1"),
     ],
 )
 def test_pyfunc_inpainting_bad_requests(registry, request_, message):

@@ -152,7 +152,8 @@ def test_nightly_with_inpainting_evaluation(harness, tmp_path):
     assert metrics["inpaint/centre/replacement/seam_ratio"] == pytest.approx(rows[1]["seam_ratio"])
     report = Path(summary["report_uri"].removeprefix("file://"))
     assert 'id="inpainting"' in report.read_text()
-    stored = json.loads((report.parents[1] / "inpainting.json").read_text())
+    assert (report.parent / "img" / "inpainting.png").is_file()
+    stored = json.loads((report.parents[1] / "inpainting" / "summary.json").read_text())
     assert stored["rows"] == rows and stored["config"]["resample"] == 2
 
 
