@@ -110,6 +110,10 @@ def test_seam_score_closed_forms():
     box = torch.full((1, 1, 8, 8), 100, dtype=torch.uint8)
     box[..., 2:6, 2:6] = 151
     assert seam_score(box, centre_mask(8)) == pytest.approx(0.2)
+    # Rows of 0, 10, 20, ...: across the box's 8 left/right pairs no step, across its 8
+    # top/bottom pairs a step of 10, so the mean is 5 / 255.
+    ramp = (torch.arange(8) * 10).to(torch.uint8)[:, None].expand(8, 8)[None, None]
+    assert seam_score(ramp, centre_mask(8)) == pytest.approx(5 / 255)
 
 
 def test_nfe_of_repaint_and_replacement():
