@@ -314,6 +314,11 @@ def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
     if "samples" in summary:
         s = summary["samples"]
         print(f"samples: {s['published']} published, {s['quarantined']} quarantined")
+    for row in summary.get("inpainting", []):
+        print(
+            f"inpainting {row['mask']}/{row['method']}: PSNR {row['psnr']:.2f} dB, "
+            f"seam/real {row['seam_ratio']:.3f}"
+        )
     print(f"report: {summary.get('report_uri', '(not evaluated)')}")
 
 

@@ -225,3 +225,16 @@ def test_pyfunc_inpainting_bad_requests(registry, request_, message):
     req = {k: fill[v] if isinstance(v, str) and v in fill else v for k, v in request_.items()}
     with pytest.raises(Exception, match=message):
         model.predict(req)
+
+
+def test_run_summary_prints_inpainting_rows(capsys):
+    import argparse
+
+    from flows.cli import _finish
+
+    summary = {
+        "model": {"name": "m", "version": "2", "aliases": []},
+        "inpainting": [{"mask": "half", "method": "repaint", "psnr": 11.974, "seam_ratio": 1.1888}],
+    }
+    _finish(summary, argparse.Namespace(summary_out=None))
+    assert "inpainting half/repaint: PSNR 11.97 dB, seam/real 1.189" in capsys.readouterr().out
