@@ -95,6 +95,27 @@ class SampleConfig(StrictModel):
     seed: int = 0
 
 
+MaskKind = Literal["centre", "strokes", "half"]
+MASK_KINDS: tuple[MaskKind, ...] = ("centre", "strokes", "half")
+
+
+class InpaintEvalConfig(StrictModel):
+    """Inpainting evaluation on holdout images: RePaint against plain replacement."""
+
+    enabled: bool = False
+    num_images: int = Field(32, ge=1)  # holdout images, each inpainted once per mask and method
+    masks: tuple[MaskKind, ...] = Field(MASK_KINDS, min_length=1)
+    jump_length: int = Field(10, ge=1)  # RePaint's jump length j
+    resample: int = Field(10, ge=2)  # RePaint's resampling count r (1 is the replacement baseline)
+    seed: int = 0  # for the stroke masks
+
+    @model_validator(mode="after")
+    def _distinct_masks(self) -> InpaintEvalConfig:
+        if len(set(self.masks)) != len(self.masks):
+            raise ValueError(f"masks must be distinct, got {list(self.masks)}")
+        return self
+
+
 class PipelineConfig(StrictModel):
     """Where a pipeline run keeps things, and how much it samples."""
 
@@ -104,6 +125,7 @@ class PipelineConfig(StrictModel):
     num_samples: int = Field(1000, ge=2)  # samples drawn for safety filtering and evaluation
     shards: int = Field(2, ge=1)  # sampling tasks run in parallel
     detectors: tuple[str, ...] = ("invalid", "memorisation")
+    inpainting: InpaintEvalConfig = InpaintEvalConfig()
 
 
 class RunConfig(StrictModel):

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffusion_core import plots
+from diffusion_core.images import make_grid, to_pil
 from diffusion_core.schedules import BETA_SCHEDULES, NoiseSchedule
 
 SCHEDULE_NAMES = ("linear", "cosine", "sigmoid")
@@ -36,6 +37,7 @@ FIGURE_FILES = (
     "loss.png",
     "schedules.png",
     "noise_progression.png",
+    "inpainting.png",
 )
 
 _METRIC_NAMES = {
@@ -73,6 +75,8 @@ class ReportData:
     sweep: list[dict[str, Any]] = field(default_factory=list)  # sampler, nfe, wall_seconds, fid
     notes: list[str] = field(default_factory=list)
     interval_level: float = 0.95
+    inpainting: list[dict[str, Any]] = field(default_factory=list)  # inpaint_eval rows
+    inpainting_examples: Tensor | None = None  # uint8, inpaint_eval.InpaintResult.examples
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -474,6 +478,69 @@ def _schedule_section(report: ReportData, img_dir: Path) -> _Section | None:
     return _Section("schedule", "Noise schedule", body)
 
 
+_INPAINT_COLUMNS = {
+    "mask": "Mask",
+    "method": "Method",
+    "resample": "Resample r",
+    "nfe": "NFE",
+    "psnr": "PSNR (dB)",
+    "mse": "MSE",
+    "seam": "Seam",
+    "seam_real": "Seam (real)",
+    "seam_ratio": "Seam / real",
+    "known_changed": "Known values changed",
+    "seconds": "Seconds",
+}
+
+
+def _inpainting_figure(report: ReportData, img_dir: Path) -> str:
+    """Per mask kind, rows of masked input, each method's completion and the real image."""
+    examples = report.inpainting_examples
+    if examples is None or len(examples) == 0:
+        return ""
+    kinds = list(dict.fromkeys(row["mask"] for row in report.inpainting))
+    names = list(dict.fromkeys(row["method"] for row in report.inpainting))
+    per_kind = len(names) + 2
+    k = len(examples) // (len(kinds) * per_kind)
+    scale = max(1, min(4, round(64 / int(examples.shape[-2]))))
+    to_pil(make_grid(examples, nrow=k, pad=1, scale=scale)).save(img_dir / "inpainting.png")
+    order = ", ".join(["masked input (grey = to fill)", *names, "real image"])
+    caption = (
+        f"Per mask ({', '.join(kinds)}, top to bottom), {per_kind} rows of {k} holdout images: "
+        f"{order}."
+    )
+    alt = "Grid of masked holdout images, their completions and the real images"
+    return _figure(img_dir, "inpainting.png", caption, alt, pixelated=True)
+
+
+def _inpainting_section(report: ReportData, img_dir: Path) -> _Section | None:
+    if not report.inpainting:
+        return None
+    rows = report.inpainting
+    changed = sum(int(row["known_changed"]) for row in rows)
+    exact = (
+        "The known region of every completion equals the input exactly."
+        if changed == 0
+        else f"{changed:,} known-region values differ from the input: inpainting is broken."
+    )
+    count = f"{int(rows[0]['num_images']):,} holdout" if "num_images" in rows[0] else "Holdout"
+    lead = (
+        f'<p class="lead">{count} images per mask, completed without class labels. '
+        "RePaint (Lugmayr et al. 2022) resamples r times every j steps; r = 1 is plain "
+        "replacement. PSNR and MSE on "
+        "[0, 1] over the filled pixels against the real image; the seam is the mean absolute "
+        "step across the mask boundary, beside the same on the real image (ratio 1 = as smooth "
+        f"as the real image). {_e(exact)}</p>"
+    )
+    columns = [c for c in _INPAINT_COLUMNS if any(c in row for row in rows)]
+    table = _table(
+        columns,
+        ([row.get(c) for c in columns] for row in rows),
+        headings=[_INPAINT_COLUMNS[c] for c in columns],
+    )
+    return _Section("inpainting", "Inpainting", lead + table + _inpainting_figure(report, img_dir))
+
+
 def _config_section(report: ReportData) -> _Section | None:
     if not report.config:
         return None
@@ -502,6 +569,7 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         _sweep_section(report, img_dir),
         _training_section(report, img_dir),
         _schedule_section(report, img_dir),
+        _inpainting_section(report, img_dir),
         _config_section(report),
     ]
     sections = [s for s in candidates if s is not None]

@@ -10,6 +10,7 @@ orchestrator can pass on. Layout under the store's root:
     <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
     <run>/safety/                   published.safetensors, quarantine.safetensors, audit.jsonl
     <run>/metrics.json
+    <run>/inpainting/               summary.json (RePaint vs replacement), examples.safetensors
     <run>/report/                   index.html, img/*.png
 
 ``<run>`` is ``runs/<run id>`` for a pipeline run and ``evaluations/<id>`` for an evaluation.
@@ -30,13 +31,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from diffusion_core import inpaint_eval
 from diffusion_core.classifier import (
     TrainedClassifier,
     load_classifier,
     save_classifier,
     train_classifier,
 )
-from diffusion_core.config import DataConfig, RunConfig, SampleConfig
+from diffusion_core.config import DataConfig, InpaintEvalConfig, RunConfig, SampleConfig
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
 from diffusion_core.metrics import (
     frechet_distance,
@@ -388,6 +390,50 @@ def evaluate_samples(
 
 
 # ----------------------------------------------------------------------------------------------
+# Inpainting evaluation.
+
+
+@dataclass(frozen=True)
+class InpaintEvaluation:
+    prefix: str
+    metrics: dict[str, float]  # inpaint/<mask>/<method>/<stat>, inpaint/known_region_exact
+    rows: list[dict[str, Any]]  # one per (mask kind, method)
+
+
+def evaluate_inpainting(
+    store: ArtefactStore,
+    checkpoint_prefix: str,
+    dataset: DatasetRef,
+    *,
+    sample: SampleConfig,
+    config: InpaintEvalConfig,
+    out_prefix: str,
+) -> InpaintEvaluation:
+    """RePaint against plain replacement on the first holdout images with the standard masks;
+    commits ``summary.json`` (rows, metrics, config) and ``examples.safetensors`` (the report's
+    example completions) under ``out_prefix``."""
+    holdout = read_split(store, dataset, "holdout")
+    with tempfile.TemporaryDirectory() as tmp:
+        net, spec = load_model(fetch_checkpoint(store, checkpoint_prefix, Path(tmp) / "ckpt"))
+    result = inpaint_eval.evaluate_inpainting(net, spec, sample, holdout.images, config)
+    metrics = inpaint_eval.inpainting_metrics(result.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = {"metrics": metrics, "rows": result.rows, "config": config.model_dump()}
+        (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_file({"images": result.examples.contiguous()}, Path(tmp) / "examples.safetensors")
+        store.put_dir(out_prefix, tmp)
+    return InpaintEvaluation(out_prefix, metrics, result.rows)
+
+
+def read_inpainting(store: ArtefactStore, prefix: str) -> tuple[list[dict[str, Any]], Tensor]:
+    """The rows and example images committed by ``evaluate_inpainting``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_dir(prefix, tmp)
+        rows = json.loads((Path(tmp) / "summary.json").read_text())["rows"]
+        return rows, load_file(Path(tmp) / "examples.safetensors")["images"]
+
+
+# ----------------------------------------------------------------------------------------------
 # The report.
 
 
@@ -404,6 +450,7 @@ class ReportInputs:
     history: list[dict[str, float]] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inpainting_prefix: str | None = None  # an evaluate_inpainting output, when it ran
 
 
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
@@ -442,6 +489,8 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         sweep=[],
         notes=inputs.notes,
     )
+    if inputs.inpainting_prefix is not None:
+        data.inpainting, data.inpainting_examples = read_inpainting(store, inputs.inpainting_prefix)
     prefix = f"{inputs.run_prefix}/report"
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), data)

@@ -130,33 +130,157 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inpaint(args: argparse.Namespace) -> int:
-    from diffusion_core.guidance import load_mask
-    from diffusion_core.images import read_image, save_grid
-    from diffusion_core.sampling import inpaint_images
-    from diffusion_core.training import load_model
+def _inpaint_model(args: argparse.Namespace) -> Any:
+    """The network and spec behind ``--model`` (a models:/ URI or a checkpoint directory) or
+    ``--checkpoint``."""
+    import tempfile
 
-    net, spec = load_model(args.checkpoint)
+    from diffusion_core.training import load_model, load_model_files
+
+    source = args.model or args.checkpoint
+    if not source.startswith("models:/"):
+        return load_model(source)
+    from tasks import tracking
+
+    with tempfile.TemporaryDirectory(prefix="diffpipe-model-") as tmp:
+        config, weights = tracking.download_model_files(tracking.tracking_uri(), source, tmp)
+        return load_model_files(config, weights)
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    """One image to a .png grid of ``--num`` completions, or a folder of images to a folder of
+    completions (one each unless ``--num``); every input is read and checked before any work."""
+    import torch
+
+    from diffusion_core.images import atomic_path, save_grid
+    from diffusion_core.inpainting import (
+        Job,
+        batch_jobs,
+        read_image_exact,
+        read_mask_exact,
+        write_pngs,
+    )
+    from diffusion_core.sampling import inpaint_images
+
+    image, out = Path(args.image), Path(args.out)
+    batch = image.is_dir()
+    if batch and out.suffix.lower() == ".png":
+        raise UsageError(f"--image {image} is a folder, so --out must be a folder, got {out}")
+    if not batch and out.suffix.lower() != ".png":
+        raise UsageError(
+            f"--out must be a .png file for one image (a folder for --image DIR): {out}"
+        )
+    if args.num is not None and args.num < 1:
+        raise UsageError(f"--num must be at least 1, got {args.num}")
+    jobs = batch_jobs(image, args.mask) if batch else [Job(image, Path(args.mask), out.name)]
+    net, spec = _inpaint_model(args)
     sc = _sample_config(spec, args)
-    image = read_image(args.image, size=spec.image_size, channels=spec.in_channels)
-    mask = load_mask(args.mask, spec.image_size)
-    n = args.num
+    size, channels = spec.image_size, spec.in_channels
+    known = torch.stack([read_image_exact(j.image, size=size, channels=channels) for j in jobs])
+    masks = torch.cat([read_mask_exact(j.mask, size=size) for j in jobs])  # (N, 1, H, W)
+    n = args.num or (1 if batch else 8)
+    known, masks = known.repeat_interleave(n, 0), masks.repeat_interleave(n, 0)
     labels = _parse_labels(args.labels)
     if labels is not None and len(labels) == 1:
-        labels = labels.repeat(n)
-    known = image.unsqueeze(0).repeat(n, 1, 1, 1)  # (N, C, H, W)
-    filled = inpaint_images(
-        net,
-        spec,
-        sc,
-        known,
-        mask,
-        labels=labels,
-        jump_length=args.jump_length,
-        resample=args.resample,
-    )
-    save_grid(filled, args.out, scale=args.scale)
-    print(f"{n} inpainted images -> {args.out}")
+        labels = labels.repeat(len(known))
+    if labels is not None and len(labels) != len(known):
+        raise UsageError(f"--labels gives {len(labels)} labels for {len(known)} completions")
+    filled = torch.cat(
+        [
+            inpaint_images(
+                net, spec, sc, known[sl], masks[sl],
+                labels=None if labels is None else labels[sl],
+                jump_length=args.jump_length, resample=args.resample,
+            )
+            for sl in (slice(i, i + sc.batch_size) for i in range(0, len(known), sc.batch_size))
+        ]
+    )  # fmt: skip
+    if batch:
+        names = [
+            j.name if n == 1 else f"{Path(j.name).stem}-{k}.png" for j in jobs for k in range(n)
+        ]
+        write_pngs(list(filled), names, out)
+    else:
+        with atomic_path(out) as tmp:
+            save_grid(filled, tmp, scale=args.scale)
+    print(f"{len(filled)} inpainted images -> {out}")
+    return 0
+
+
+def _parse_steps(text: str | None, num_steps: int) -> list[int]:
+    """``0,50,100`` to timesteps in [0, num_steps); by default the report's fractions of T."""
+    from diffusion_core.report import PROGRESSION_FRACTIONS
+
+    if text is None:
+        return sorted({min(num_steps - 1, round(f * num_steps)) for f in PROGRESSION_FRACTIONS})
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--steps expects comma-separated integers, got {text!r}") from None
+    bad = [t for t in steps if not 0 <= t < num_steps]
+    if not steps or bad:
+        raise UsageError(f"--steps must be timesteps in [0, {num_steps - 1}], got {text!r}")
+    return steps
+
+
+def _read_plot_images(paths: Sequence[str]) -> Any:
+    """Image files of one size as uint8 (N, C, H, W), at their own size and colour."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+                arr = np.asarray(img.convert("L" if gray else "RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UsageError(f"{path}: cannot read image ({exc})") from None
+        arr = arr[..., None] if arr.ndim == 2 else arr  # (H, W, C)
+        if arrays and arr.shape != arrays[0].shape:
+            raise UsageError(f"{path}: image is {arr.shape}, the first is {arrays[0].shape}")
+        arrays.append(arr)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """The report's schedule and forward-process figures for any image or schedule."""
+    from diffusion_core import plots
+    from diffusion_core.images import atomic_path
+    from diffusion_core.schedules import BETA_SCHEDULES, NoiseSchedule
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must be a .png file, got {out}")
+    if args.figure == "schedules":
+        names = [v.strip() for v in args.schedules.split(",") if v.strip()]
+        unknown = [v for v in names if v not in BETA_SCHEDULES]
+        if not names or unknown:
+            raise UsageError(
+                f"--schedules takes names from {sorted(BETA_SCHEDULES)}, got {args.schedules!r}"
+            )
+        with atomic_path(out) as tmp:
+            plots.plot_schedules(tmp, num_steps=args.num_steps or 1000, names=names)
+        print(f"schedules {', '.join(names)} -> {out}")
+        return 0
+    diffusion = _load(args).diffusion if args.config else None
+    name = args.schedule or (diffusion.schedule if diffusion else "linear")
+    num_steps = args.num_steps or (diffusion.num_steps if diffusion else 1000)
+    if num_steps < 2:
+        raise UsageError(f"--num-steps must be at least 2, got {num_steps}")
+    steps = _parse_steps(args.steps, num_steps)
+    images = _read_plot_images(args.image)
+    with atomic_path(out) as tmp:
+        plots.plot_noise_progression(
+            tmp,
+            images,
+            NoiseSchedule.from_name(name, num_steps),
+            steps=steps,
+            seed=args.seed,
+            title=f"Forward process q(x_t | x_0), {name} schedule, {num_steps} steps",
+        )
+    print(f"{len(images)} image(s) at t = {', '.join(map(str, steps))} ({name}) -> {out}")
     return 0
 
 
@@ -190,6 +314,11 @@ def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
     if "samples" in summary:
         s = summary["samples"]
         print(f"samples: {s['published']} published, {s['quarantined']} quarantined")
+    for row in summary.get("inpainting", []):
+        print(
+            f"inpainting {row['mask']}/{row['method']}: PSNR {row['psnr']:.2f} dB, "
+            f"seam/real {row['seam_ratio']:.3f}"
+        )
     print(f"report: {summary.get('report_uri', '(not evaluated)')}")
 
 
@@ -253,10 +382,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 # Argument parsing.
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint directory (or a run's checkpoints/ folder)"
-    )
+def _add_sampling_args(p: argparse.ArgumentParser, *, registered: bool = False) -> None:
+    """The sampling knobs; with ``registered``, ``--model`` (a registry URI) may replace
+    ``--checkpoint``."""
+    where = p.add_mutually_exclusive_group(required=True) if registered else p
+    where.add_argument(
+        "--checkpoint", required=not registered,
+        help="checkpoint directory (or a run's checkpoints/ folder)",
+    )  # fmt: skip
+    if registered:
+        where.add_argument(
+            "--model", help="models:/<name>@<alias>, models:/<name>/<version> or a checkpoint dir"
+        )
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp_2m"], help="default: the config's")
     p.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
@@ -296,15 +433,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .png grid, or a directory of PNG files")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("inpaint", help="fill the masked region of an image (RePaint)")
-    _add_sampling_args(p)
-    p.add_argument("--image", required=True, help="the image to complete")
-    p.add_argument("--mask", required=True, help="mask image: white = keep, black = fill")
-    p.add_argument("--num", type=int, default=8, help="number of completions")
+    p = sub.add_parser("inpaint", help="fill the masked region of an image or a folder (RePaint)")
+    _add_sampling_args(p, registered=True)
+    p.add_argument("--image", required=True, help="the image to complete, or a folder of images")
+    p.add_argument(
+        "--mask", required=True,
+        help="mask image (white = keep, black = fill), or a folder of masks named as the images",
+    )  # fmt: skip
+    p.add_argument("--num", type=int, help="completions per image (default: 8, 1 for a folder)")
     p.add_argument("--jump-length", type=int, default=10)
     p.add_argument("--resample", type=int, default=10, help="RePaint resampling count (1 = none)")
-    p.add_argument("--out", required=True, help="output .png grid")
+    p.add_argument("--out", required=True, help="output .png grid, or a folder for --image DIR")
     p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("plot", help="figures: the forward noise process, the noise schedules")
+    figures = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    q = figures.add_parser("noise", help="images noised to increasing timesteps, q(x_t | x_0)")
+    q.add_argument(
+        "--image", required=True, nargs="+", help="image file(s) of one size, a row each"
+    )
+    q.add_argument("--steps", help="comma-separated timesteps (default: 0, 5%%, ..., 100%% of T)")
+    q.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="default: config's")
+    q.add_argument("--num-steps", type=int, help="training steps T (default: config's or 1000)")
+    q.add_argument("--config", help="take the schedule and T from this run config")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    q.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
+    q.add_argument("--out", required=True, help="output .png")
+    q.set_defaults(func=cmd_plot)
+    q = figures.add_parser("schedules", help="beta_t, alpha_bar_t and log-SNR of the schedules")
+    q.add_argument("--schedules", default="linear,cosine", help="comma-separated schedule names")
+    q.add_argument("--num-steps", type=int, help="training steps T (default 1000)")
+    q.add_argument("--out", required=True, help="output .png")
+    q.set_defaults(func=cmd_plot)
     p = sub.add_parser("run", help="run the whole nightly pipeline (Prefect flow) on a config")
     p.add_argument("--config", default="configs/quickstart.yaml", help="YAML run config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")

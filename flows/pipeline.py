@@ -3,6 +3,7 @@
 nightly:  prepare_dataset -> train -> register -> (evaluate chain)
 evaluate: (evaluate chain) for a registered version, e.g. when registration emits its event
 evaluate chain: sample (sharded, mapped) -> safety_filter -> evaluate -> compare/promote -> report
+                (with pipeline.inpainting.enabled, inpaint_evaluate runs after evaluate)
 """
 
 from __future__ import annotations
@@ -135,6 +136,13 @@ def evaluate_chain(
         evaluation = steps.evaluate(
             root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
         )
+    inpainting = None
+    if pc.inpainting.enabled:
+        with clock.step("inpaint_evaluate"):
+            inpainting = steps.inpaint_evaluate(
+                root, checkpoint_prefix, dataset, cfg.sample.model_dump(mode="json"),
+                pc.inpainting.model_dump(mode="json"), f"{run_prefix}/inpainting",
+            )  # fmt: skip
     with clock.step("compare"):
         decision = steps.compare_promote(target.tracking_uri, model, evaluation)
     table = tracking.comparison_table(target.tracking_uri, model.name)
@@ -147,6 +155,7 @@ def evaluate_chain(
                 model_version=model.version, config=cfg.to_dict(), dataset=dataset,
                 safety=safety, metrics=evaluation.metrics, history=history,
                 comparison=comparison, notes=[decision["reason"]],
+                inpainting_prefix=None if inpainting is None else inpainting.prefix,
             ),
         )  # fmt: skip
     tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)
@@ -155,6 +164,8 @@ def evaluate_chain(
         {"samples/published": safety.published, "samples/quarantined": safety.quarantined,
          **{f"safety/flag_rate/{k}": v for k, v in safety.flag_rates.items()}},
     )  # fmt: skip
+    if inpainting is not None:
+        tracking.log_metrics(target.tracking_uri, run_id, inpainting.metrics)
     tracking.log_report(target.tracking_uri, run_id, ArtefactStore(root), f"{run_prefix}/report")
     publish_artifacts(model, evaluation, safety, decision, report_url)
     aliases = tracking.version_aliases(target.tracking_uri, model.name, model.version)
@@ -165,6 +176,7 @@ def evaluate_chain(
         "report_uri": report_url,
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
         "promotion": decision,
+        "inpainting": [] if inpainting is None else inpainting.rows,
     }
 
 

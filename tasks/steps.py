@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from diffusion_core import compare, stages
-from diffusion_core.config import DataConfig, RunConfig, SampleConfig
+from diffusion_core.config import DataConfig, InpaintEvalConfig, RunConfig, SampleConfig
 from diffusion_core.storage import (
     ArtefactNotFoundError,
     ArtefactStore,
@@ -156,6 +156,25 @@ def evaluate(
         dataset,
         sample=SampleConfig.model_validate(sample_config),
         out_key=out_key,
+    )
+
+
+@task(name="inpaint-evaluate", cache_policy=NO_CACHE, **io_retries)
+def inpaint_evaluate(
+    artefact_root: str,
+    checkpoint_prefix: str,
+    dataset: stages.DatasetRef,
+    sample_config: dict[str, Any],
+    inpaint_config: dict[str, Any],
+    out_prefix: str,
+) -> stages.InpaintEvaluation:
+    return stages.evaluate_inpainting(
+        ArtefactStore(artefact_root),
+        checkpoint_prefix,
+        dataset,
+        sample=SampleConfig.model_validate(sample_config),
+        config=InpaintEvalConfig.model_validate(inpaint_config),
+        out_prefix=out_prefix,
     )
 
 

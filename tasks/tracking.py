@@ -263,6 +263,23 @@ def resolve_version(uri: str, model_uri: str) -> Any:
         raise ValueError(f"{model_uri}: no such registered model version ({exc.message})") from None
 
 
+def download_model_files(uri: str, model_uri: str, dst: str | Path) -> tuple[Path, Path]:
+    """The ``config.json`` and EMA weights of a registered version (``models:/<name>/<version>``
+    or ``models:/<name>@<alias>``), downloaded under ``dst``."""
+    version = resolve_version(uri, model_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dst)
+        )
+    )
+    config, weights = local / "artifacts" / "config.json", local / "artifacts" / "ema.safetensors"
+    if not (config.is_file() and weights.is_file()):
+        raise ValueError(f"{model_uri}: not a diffpipe model (no artifacts/config.json, weights)")
+    return config, weights
+
+
 def training_history(uri: str, run_id: str) -> list[dict[str, float]]:
     """The training curve logged by ``log_history``, back as records."""
     c = client(uri)

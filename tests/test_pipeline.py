@@ -132,6 +132,31 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     assert table["aliases"].str.contains("champion").sum() == 1
 
 
+def test_nightly_with_inpainting_evaluation(harness, tmp_path):
+    inpainting = {"enabled": True, "num_images": 4, "masks": ["centre", "half"],
+                  "jump_length": 2, "resample": 2}  # fmt: skip
+    config = write_config(tmp_path / "inpaint.yaml", inpainting=inpainting)
+    state = run_nightly(config, overrides={"name": "tiny-inpaint"})
+    summary = state.result()
+    names = {tr.name for tr in asyncio.run(_task_runs(state.state_details.flow_run_id))}
+    assert any(n.startswith("inpaint-evaluate") for n in names), names
+    rows = summary["inpainting"]
+    assert [(r["mask"], r["method"]) for r in rows] == [
+        ("centre", "repaint"), ("centre", "replacement"), ("half", "repaint"),
+        ("half", "replacement"),
+    ]  # fmt: skip
+    assert all(r["known_changed"] == 0 and r["num_images"] == 4 for r in rows)
+    metrics = mlflow.get_run(summary["run_id"]).data.metrics
+    assert metrics["inpaint/known_region_exact"] == 1.0
+    assert metrics["inpaint/half/repaint/psnr"] == pytest.approx(rows[2]["psnr"])
+    assert metrics["inpaint/centre/replacement/seam_ratio"] == pytest.approx(rows[1]["seam_ratio"])
+    report = Path(summary["report_uri"].removeprefix("file://"))
+    assert 'id="inpainting"' in report.read_text()
+    assert (report.parent / "img" / "inpainting.png").is_file()
+    stored = json.loads((report.parents[1] / "inpainting" / "summary.json").read_text())
+    assert stored["rows"] == rows and stored["config"]["resample"] == 2
+
+
 def test_interrupted_training_resumes(harness, tmp_path, monkeypatch):
     config = write_config(tmp_path / "resume.yaml")
     overrides = {"name": "resume", "train.seed": 3}
