@@ -404,6 +404,7 @@ class ReportInputs:
     history: list[dict[str, float]] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
 
 
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
@@ -441,6 +442,7 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         comparison=inputs.comparison,
         sweep=[],
         notes=inputs.notes,
+        promotion=inputs.promotion,
     )
     prefix = f"{inputs.run_prefix}/report"
     with tempfile.TemporaryDirectory() as tmp:

@@ -326,8 +326,8 @@ REPORT_COLUMNS = {
     "metrics.fid": "FID",
     "metrics.fid_low": "FID low",
     "metrics.fid_high": "FID high",
-    "metrics.fid_floor_half": "FID floor (real vs real)",
-    "metrics.conditional_accuracy": "conditional accuracy",
+    "metrics.fid_floor_half": "FID floor",
+    "metrics.conditional_accuracy": "cond. accuracy",
     "decision": "decision",
     "reason": "reason",
 }
