@@ -238,6 +238,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"{args.model}: no registered versions")
     else:
         width = shutil.get_terminal_size((200, 40)).columns
+        for column in [c for c in table.columns if c.endswith("sha256")]:  # 12 hex digits
+            table[column] = [v[:12] if isinstance(v, str) else v for v in table[column]]
         print(table.to_string(index=False, line_width=width, max_colwidth=80))
     return 0
 

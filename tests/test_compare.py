@@ -167,6 +167,11 @@ def test_cli_compare_prints_the_table(
     assert list(table["version"]) == [1, 2, 3, 4, 5]
     assert list(table["decision"])[:2] == ["champion", "promote"]
     assert "record.extractor_sha256" in table.columns
+    assert table["record.extractor_sha256"][0] == "ab" * 32
+
+    assert main(["compare", "--model", "digits"]) == 0  # the table for people: short sha256s
+    out = capsys.readouterr().out
+    assert "ab" * 6 in out and "ab" * 7 not in out and "keep champion" in out
 
     assert main(["compare", "--model", "digits", "--columns", "version,decision"]) == 0
     lines = capsys.readouterr().out.splitlines()
