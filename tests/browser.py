@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -82,17 +82,17 @@ class PageReport:
         )
 
 
-@dataclass
 class Chromium:
-    """A headless Chromium process and one DevTools connection to it; kill it with ``close``."""
+    """A headless Chromium process and one DevTools connection to it; ``close`` kills it."""
 
-    executable: str
-    timeout: float = 30.0
-    _proc: subprocess.Popen[bytes] | None = None
-    _profile: tempfile.TemporaryDirectory[str] | None = None
-    _ws: ClientConnection | None = None
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    events: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(self, executable: str, *, timeout: float = 30.0) -> None:
+        self.executable = executable
+        self.timeout = timeout
+        self.events: list[dict[str, Any]] = []  # protocol events, in arrival order
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._profile: tempfile.TemporaryDirectory[str] | None = None
+        self._ws: ClientConnection | None = None
+        self._ids = itertools.count(1)
 
     def __enter__(self) -> Chromium:
         try:
