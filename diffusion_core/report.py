@@ -358,11 +358,13 @@ def _samples_section(report: ReportData, img_dir: Path) -> _Section | None:
     )
 
 
-def _decision_html(promotion: Mapping[str, Any]) -> str:
-    """The promotion decision of this run, and the rule's reason."""
+def _decision_html(promotion: Mapping[str, Any], version: str) -> str:
+    """The promotion decision for this run's model ``version``, and the rule's reason."""
     promoted = bool(promotion.get("promoted"))
     previous = promotion.get("previous_champion")
-    if promoted:
+    if previous is not None and str(previous) == version:  # the champion, evaluated again
+        verdict = f"v{version} is the champion" + (" (promoted again)" if promoted else "")
+    elif promoted:
         verdict = "Promoted to champion" + (f", replacing v{previous}" if previous else "")
     else:
         verdict = "Not promoted" + (f": v{previous} stays champion" if previous else "")
@@ -376,7 +378,7 @@ def _decision_html(promotion: Mapping[str, Any]) -> str:
 def _comparison_section(report: ReportData) -> _Section | None:
     if not report.comparison and not report.promotion:
         return None
-    body = _decision_html(report.promotion) if report.promotion else ""
+    body = _decision_html(report.promotion, report.model_version) if report.promotion else ""
     if report.comparison:
         body += (
             '<p class="lead">A challenger becomes champion only when its metric record matches '

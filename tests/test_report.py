@@ -374,6 +374,9 @@ def test_write_report_promotion_decision(tmp_path: Path) -> None:
     replaced = {"promoted": True, "reason": "FID 3 beats 5", "previous_champion": "4"}
     _, source = _parse(write_report(tmp_path / "won", _bare_report(promotion=replaced)))
     assert "Promoted to champion, replacing v4" in source
+    again = {"promoted": False, "reason": "a tie", "previous_champion": "1"}  # _bare_report is v1
+    _, source = _parse(write_report(tmp_path / "again", _bare_report(promotion=again)))
+    assert "v1 is the champion</div>" in source
     # with version rows, the rule is stated above the table
     rows = [{"version": 2, "aliases": "champion", "FID low": 3.1, "decision": "champion"}]
     _, source = _parse(write_report(tmp_path / "rows", _bare_report(comparison=rows)))
