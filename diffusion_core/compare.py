@@ -1,8 +1,20 @@
 """Champion / challenger: when a new model may replace the current best one.
 
-Two evaluations are comparable only when their metric records match (same feature extractor and
-weights, reference set, sample count and sampling settings). The challenger wins only when it is
-better beyond the uncertainty: its FID interval lies entirely below the champion's.
+The promotion rule (:func:`decide`), in order:
+
+1. **No champion yet**: the challenger is promoted.
+2. **Matching records**: two evaluations are comparable only when their metric records agree on
+   every key of :data:`RECORD_KEYS` (feature extractor and the sha256 of its weights, reference
+   set, number of samples, sampler, steps, guidance scale); a key missing on either side counts
+   as a difference. Otherwise nothing is promoted and the reason names the differing keys: an FID
+   measured with other features, another reference set or another sampler is another number.
+3. **Better beyond the interval**: the challenger is promoted only when its whole FID interval
+   lies below the champion's (``challenger fid_high < champion fid_low``). Overlapping intervals
+   are a tie and the champion stays, even when the challenger's point estimate is lower: a
+   difference inside the sampling noise of the metric is not evidence of a better model.
+
+Evaluations are ``{"metrics": {...}, "record": {...}}`` as written by the evaluation stage; the
+metrics must hold ``fid``, ``fid_low`` and ``fid_high``.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ RECORD_KEYS = (
     "steps",
     "guidance_scale",
 )
+FID_KEYS = ("fid", "fid_low", "fid_high")
 
 
 @dataclass(frozen=True)
@@ -29,7 +42,7 @@ class Decision:
 
 def record_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The record keys on which two evaluations differ (missing keys count as differing)."""
-    return [k for k in RECORD_KEYS if str(a.get(k)) != str(b.get(k))]
+    return [k for k in RECORD_KEYS if k not in a or k not in b or str(a[k]) != str(b[k])]
 
 
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None) -> Decision:
@@ -37,10 +50,18 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None) -> Decis
     the champion's on a matching record; otherwise keep the champion and say why."""
     if champion is None:
         return Decision(True, "no champion yet")
-    differ = record_mismatch(challenger["record"], champion["record"])
+    differ = record_mismatch(challenger.get("record", {}), champion.get("record", {}))
     if differ:
         return Decision(False, f"not comparable: metric records differ in {', '.join(differ)}")
-    c, k = challenger["metrics"], champion["metrics"]
+    c, k = challenger.get("metrics", {}), champion.get("metrics", {})
+    missing = [
+        f"{who} {key}"
+        for who, m in (("challenger", c), ("champion", k))
+        for key in FID_KEYS
+        if key not in m
+    ]
+    if missing:
+        return Decision(False, f"not comparable: no {', '.join(missing)}")
     if c["fid_high"] < k["fid_low"]:
         return Decision(True, f"FID {c['fid']:.3f} beats {k['fid']:.3f} beyond both intervals")
     if c["fid"] < k["fid"]:

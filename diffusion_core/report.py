@@ -42,6 +42,9 @@ FIGURE_FILES = (
 
 _METRIC_NAMES = {
     "fid": "FID",
+    "fid_half": "FID (half sample)",
+    "fid_floor_half": "FID floor (real vs real)",
+    "fid_half_over_floor": "FID / floor",
     "kid": "KID",
     "is": "Inception Score",
     "inception_score": "Inception Score",
@@ -49,7 +52,11 @@ _METRIC_NAMES = {
     "recall": "Recall",
     "classifier_accuracy": "Classifier accuracy",
     "accuracy": "Accuracy",
+    "conditional_accuracy": "Conditional accuracy",
+    "judge_holdout_accuracy": "Judge accuracy on real holdout",
+    "num_samples": "Samples evaluated",
 }
+FLOOR_KEY = "fid_floor_half"
 
 
 @dataclass
@@ -77,6 +84,7 @@ class ReportData:
     interval_level: float = 0.95
     inpainting: list[dict[str, Any]] = field(default_factory=list)  # inpaint_eval rows
     inpainting_examples: Tensor | None = None  # uint8, inpaint_eval.InpaintResult.examples
+    promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -181,6 +189,11 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--soft); borde
 img.pixelated { image-rendering: pixelated; image-rendering: crisp-edges; }
 figcaption { margin-top: 6px; color: var(--muted); font-size: .88rem; }
 ul.notes { margin: 0; padding-left: 20px; }
+.decision { border-radius: 8px; padding: 12px 16px; margin: 0 0 14px; background: var(--panel);
+  border-left: 5px solid var(--muted); }
+.decision.promoted { background: #eaf6ee; border-left-color: #2e8b57; }
+.decision .verdict { font-weight: 650; font-size: 1.05rem; }
+.decision .why { color: var(--muted); }
 ul.notes li { margin: 4px 0; }
 details summary { cursor: pointer; font-weight: 600; }
 pre { background: var(--panel); border-radius: 6px; padding: 12px 14px; overflow: auto;
@@ -243,7 +256,7 @@ def _dict_rows_table(rows: Sequence[Mapping[str, Any]]) -> str:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    headings = [c.replace("_", " ").capitalize() for c in columns]
+    headings = [c[:1].upper() + c[1:].replace("_", " ") for c in columns]
     return _table(columns, ([row.get(c) for c in columns] for row in rows), headings=headings)
 
 
@@ -302,7 +315,14 @@ def _metrics_section(report: ReportData) -> _Section | None:
         f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
-    return _Section("metrics", "Metrics", cards + table)
+    lead = ""
+    if FLOOR_KEY in report.metrics:
+        lead = (
+            '<p class="lead">The floor is the FID between two halves of the real holdout set: '
+            "what a perfect model would score at that sample size. Compare it with FID (half "
+            "sample), measured on the same number of images.</p>"
+        )
+    return _Section("metrics", "Metrics", lead + cards + table)
 
 
 def _notes_section(report: ReportData) -> _Section | None:
@@ -342,13 +362,34 @@ def _samples_section(report: ReportData, img_dir: Path) -> _Section | None:
     )
 
 
-def _comparison_section(report: ReportData) -> _Section | None:
-    if not report.comparison:
-        return None
-    lead = '<p class="lead">This run against the current champion.</p>'
-    return _Section(
-        "comparison", "Comparison with champion", lead + _dict_rows_table(report.comparison)
+def _decision_html(promotion: Mapping[str, Any], version: str) -> str:
+    """The promotion decision for this run's model ``version``, and the rule's reason."""
+    promoted = bool(promotion.get("promoted"))
+    previous = promotion.get("previous_champion")
+    if previous is not None and str(previous) == version:  # the champion, evaluated again
+        verdict = f"v{version} is the champion" + (" (promoted again)" if promoted else "")
+    elif promoted:
+        verdict = "Promoted to champion" + (f", replacing v{previous}" if previous else "")
+    else:
+        verdict = "Not promoted" + (f": v{previous} stays champion" if previous else "")
+    cls = "decision promoted" if promoted else "decision"
+    return (
+        f'<div class="{cls}"><div class="verdict">{_e(verdict)}</div>'
+        f'<div class="why">{_e(promotion.get("reason", ""))}</div></div>'
     )
+
+
+def _comparison_section(report: ReportData) -> _Section | None:
+    if not report.comparison and not report.promotion:
+        return None
+    body = _decision_html(report.promotion, report.model_version) if report.promotion else ""
+    if report.comparison:
+        body += (
+            '<p class="lead">A challenger becomes champion only when its metric record matches '
+            "the champion's and its whole FID interval lies below the champion's.</p>"
+            + _dict_rows_table(report.comparison)
+        )
+    return _Section("comparison", "Comparison with champion", body)
 
 
 def _safety_section(report: ReportData) -> _Section | None:
@@ -655,6 +696,20 @@ def report_markdown(report: ReportData, *, report_url: str) -> str:
                     parts.append(f"{_md(key.replace('_', ' '))}: {', '.join(rates)}")
         if parts:
             lines += ["**Safety:** " + " · ".join(parts), ""]
-    url = urllib.parse.quote(report_url, safe=":/?#[]@!$&'*+,;=%~")
-    lines.append(f"[Open the full report]({url})")
+    lines.append(report_link_markdown(report_url))
     return "\n".join(line.lstrip() for line in lines) + "\n"
+
+
+def report_link_markdown(report_url: str) -> str:
+    """Markdown that leads to the report: a link where a browser can open the URL (``file``,
+    ``http(s)``); for object storage (``s3://``), the URL and how to fetch the folder, since a
+    browser cannot open it and the report's relative image links need the whole folder."""
+    scheme = urllib.parse.urlsplit(report_url).scheme
+    if scheme in ("file", "http", "https"):
+        url = urllib.parse.quote(report_url, safe=":/?#[]@!$&'*+,;=%~")
+        return f"[Open the full report]({url})"
+    folder = report_url.rsplit("/", 1)[0] + "/"
+    return (
+        f"Full report: `{report_url}` (object storage: copy the folder, e.g. "
+        f"`aws s3 cp --recursive {folder} report/`, and open `report/index.html`)"
+    )

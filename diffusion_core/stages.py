@@ -451,6 +451,7 @@ class ReportInputs:
     comparison: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inpainting_prefix: str | None = None  # an evaluate_inpainting output, when it ran
+    promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
 
 
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
@@ -488,6 +489,7 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         comparison=inputs.comparison,
         sweep=[],
         notes=inputs.notes,
+        promotion=inputs.promotion,
     )
     if inputs.inpainting_prefix is not None:
         data.inpainting, data.inpainting_examples = read_inpainting(store, inputs.inpainting_prefix)

@@ -343,14 +343,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import pandas as pd
+    """Print every registered version of ``--model`` with its metrics, record, aliases and the
+    decision the promotion rule gives it against the current champion."""
+    import shutil
 
     from tasks import tracking
 
     table = tracking.comparison_table(tracking.tracking_uri(), args.model)
-    columns = [c for c in table.columns if c in args.columns.split(",")] if args.columns else None
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table[columns] if columns else table)
+    if args.columns:
+        wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in table.columns]
+        if unknown:
+            raise UsageError(
+                f"--columns: no column {', '.join(map(repr, unknown))} "
+                f"(columns: {', '.join(table.columns)})"
+            )
+        table = table[wanted]
+    if args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(table.to_json(orient="records", date_format="iso", indent=2))
+    elif table.empty:
+        print(f"{args.model}: no registered versions")
+    else:
+        width = shutil.get_terminal_size((200, 40)).columns
+        for column in [c for c in table.columns if c.endswith("sha256")]:  # 12 hex digits
+            table[column] = [v[:12] if isinstance(v, str) else v for v in table[column]]
+        print(table.to_string(index=False, line_width=width, max_colwidth=80))
     return 0
 
 
@@ -486,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="table of a registered model's versions and their metrics")
     p.add_argument("--model", default="quickstart", help="registered model name")
     p.add_argument("--columns", help="comma-separated columns to show")
+    p.add_argument(
+        "--format", choices=["table", "csv", "json"], default="table", help="output format"
+    )
     p.set_defaults(func=cmd_compare)
     return parser
 

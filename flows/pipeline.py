@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from prefect.logging.handlers import APILogHandler
 
 from diffusion_core import stages
 from diffusion_core.config import RunConfig, load_config
+from diffusion_core.report import report_link_markdown
 from diffusion_core.storage import ArtefactStore, default_root, diffpipe_home
 from tasks import steps, tracking
 
@@ -145,8 +147,7 @@ def evaluate_chain(
             )  # fmt: skip
     with clock.step("compare"):
         decision = steps.compare_promote(target.tracking_uri, model, evaluation)
-    table = tracking.comparison_table(target.tracking_uri, model.name)
-    comparison = json.loads(table.tail(10).to_json(orient="records", date_format="iso"))
+    comparison = tracking.report_rows(tracking.comparison_table(target.tracking_uri, model.name))
     with clock.step("report"):
         report_url = steps.report(
             root,
@@ -154,7 +155,7 @@ def evaluate_chain(
                 run_prefix=run_prefix, run_id=run_id, model_name=model.name,
                 model_version=model.version, config=cfg.to_dict(), dataset=dataset,
                 safety=safety, metrics=evaluation.metrics, history=history,
-                comparison=comparison, notes=[decision["reason"]],
+                comparison=comparison, promotion=decision,
                 inpainting_prefix=None if inpainting is None else inpainting.prefix,
             ),
         )  # fmt: skip
@@ -167,7 +168,7 @@ def evaluate_chain(
     if inpainting is not None:
         tracking.log_metrics(target.tracking_uri, run_id, inpainting.metrics)
     tracking.log_report(target.tracking_uri, run_id, ArtefactStore(root), f"{run_prefix}/report")
-    publish_artifacts(model, evaluation, safety, decision, report_url)
+    publish_artifacts(model, evaluation, safety, decision, report_url, run_id=run_id)
     aliases = tracking.version_aliases(target.tracking_uri, model.name, model.version)
     return {
         "model": {"name": model.name, "version": model.version, "aliases": aliases},
@@ -180,34 +181,60 @@ def evaluate_chain(
     }
 
 
+def artifact_key(name: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) for model ``name``."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{name}-{suffix}".lower()).strip("-")
+
+
+def report_artifact_markdown(
+    model: tracking.ModelRef,
+    evaluation: stages.Evaluation,
+    safety: stages.SafetyRef,
+    decision: dict[str, Any],
+    report_url: str,
+    *,
+    run_id: str | None = None,
+) -> str:
+    """The run's markdown artifact: metrics, sample counts, the promotion decision and where the
+    report is (a link for local disk; for object storage the URL and how to fetch it)."""
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    lines = [
+        f"# {model.name} v{model.version}",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v:.4g} |" for k, v in evaluation.metrics.items()),
+        "",
+        f"Published {safety.published}, quarantined {safety.quarantined}.",
+        "",
+        f"Promotion: {verdict} ({decision['reason']}).",
+        "",
+        report_link_markdown(report_url),
+    ]
+    if run_id:
+        lines += ["", f"Also in MLflow: run `{run_id}`, artifacts under `report/`."]
+    return "\n".join(lines) + "\n"
+
+
 def publish_artifacts(
     model: tracking.ModelRef,
     evaluation: stages.Evaluation,
     safety: stages.SafetyRef,
     decision: dict[str, Any],
     report_url: str,
+    *,
+    run_id: str | None = None,
 ) -> None:
-    key = f"{model.name}".lower().replace("_", "-")
-    m = evaluation.metrics
-    lines = [
-        f"# {model.name} v{model.version}",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *(f"| {k} | {v:.4g} |" for k, v in m.items()),
-        "",
-        f"Published {safety.published}, quarantined {safety.quarantined}.",
-        "",
-        f"Promotion: {decision['reason']}.",
-        "",
-        f"[Full report]({report_url})",
-    ]
     create_markdown_artifact(
-        markdown="\n".join(lines), key=f"{key}-report", description="Run report"
+        markdown=report_artifact_markdown(
+            model, evaluation, safety, decision, report_url, run_id=run_id
+        ),
+        key=artifact_key(model.name, "report"),
+        description="Run report",
     )
     create_table_artifact(
-        table=[{"metric": k, "value": v} for k, v in m.items()],
-        key=f"{key}-metrics",
+        table=[{"metric": k, "value": v} for k, v in evaluation.metrics.items()],
+        key=artifact_key(model.name, "metrics"),
         description="Evaluation metrics",
     )
 
@@ -316,7 +343,7 @@ def compare_models(model_name: str, tracking_uri: str | None = None) -> list[dic
     table = tracking.comparison_table(tracking.tracking_uri(tracking_uri), model_name)
     rows: list[dict[str, Any]] = json.loads(table.to_json(orient="records", date_format="iso"))
     if rows:
-        create_table_artifact(table=rows, key=f"{model_name.lower().replace('_', '-')}-comparison")
+        create_table_artifact(table=rows, key=artifact_key(model_name, "comparison"))
     return rows
 
 

@@ -73,6 +73,15 @@ async def _logs(flow_run_id):
         )
 
 
+def report_artifact(key: str) -> str:
+    """The latest markdown of the Prefect artifact ``key``."""
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get(key)
+    assert artifact is not None, key
+    return str(artifact.data)
+
+
 def run_nightly(config: Path, **kwargs):
     from flows.pipeline import nightly
 
@@ -111,6 +120,8 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     assert {"report", "config.json"} <= artifacts
     loss_curve = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train/loss")
     assert [m.step for m in loss_curve] == [5, 10, 15, 20]
+    # The Prefect markdown artifact links to the report file.
+    assert f"[Open the full report]({report.as_uri()})" in report_artifact("tiny-report")
 
     # The library's own log lines reach the Prefect run logs.
     logs = asyncio.run(_logs(state.state_details.flow_run_id))
@@ -243,6 +254,9 @@ def test_nightly_on_s3(harness, s3, tmp_path):
     assert local == []
     model = mlflow.pyfunc.load_model("models:/tiny-s3@challenger")
     assert model.predict({"num_samples": 2, "steps": 2}).shape == (2, 8, 8, 1)
+    # The markdown artifact names the report's object (a browser cannot open s3:// links).
+    markdown = report_artifact("tiny-s3-report")
+    assert f"`{summary['report_uri']}`" in markdown and "](" not in markdown
 
 
 def test_storage_outage_fails_cleanly(harness, s3, tmp_path, monkeypatch, capsys, caplog):

@@ -13,7 +13,12 @@ from matplotlib.axes import Axes
 from PIL import Image
 
 from diffusion_core import plots
-from diffusion_core.report import ReportData, report_markdown, write_report
+from diffusion_core.report import (
+    ReportData,
+    report_link_markdown,
+    report_markdown,
+    write_report,
+)
 from diffusion_core.schedules import NoiseSchedule
 
 
@@ -345,10 +350,71 @@ def test_report_markdown() -> None:
     md = report_markdown(_full_report(), report_url=url)
     lines = md.splitlines()
     assert not any(line.startswith("    ") or line.startswith("\t") for line in lines)
-    assert f"]({url})" in md
+    assert f"`{url}`" in md  # object storage: the URL and how to fetch it, not a dead link
     assert lines[0].startswith("# ")
     assert any(line.startswith("| FID |") and "11.5" in line for line in lines)
     assert "published 37" in md and "quarantined 3" in md and "5.0%" in md
     assert "<run>" not in md and "&lt;run&gt;" in md
     minimal = report_markdown(_bare_report(), report_url=url)
     assert "| Metric" not in minimal and "Safety" not in minimal and url in minimal
+
+
+def test_write_report_promotion_decision(tmp_path: Path) -> None:
+    kept = {"promoted": False, "reason": "FID 4.7 vs 4.9: <a tie>", "previous_champion": "2"}
+    page, source = _parse(write_report(tmp_path / "kept", _bare_report(promotion=kept)))
+    assert page.section_ids == ["comparison"]  # the decision alone makes the section
+    section = _section(source, "comparison")
+    text = " ".join(t.strip() for t in section.text if t.strip())
+    assert text.startswith("Comparison with champion Not promoted: v2 stays champion")
+    assert "FID 4.7 vs 4.9: <a tie>" in text and "<a tie>" not in source
+    assert 'class="decision"' in source and "decision promoted" not in source
+    first = {"promoted": True, "reason": "no champion yet", "previous_champion": None}
+    _, source = _parse(write_report(tmp_path / "first", _bare_report(promotion=first)))
+    assert "Promoted to champion</div>" in source and 'class="decision promoted"' in source
+    replaced = {"promoted": True, "reason": "FID 3 beats 5", "previous_champion": "4"}
+    _, source = _parse(write_report(tmp_path / "won", _bare_report(promotion=replaced)))
+    assert "Promoted to champion, replacing v4" in source
+    again = {"promoted": False, "reason": "a tie", "previous_champion": "1"}  # _bare_report is v1
+    _, source = _parse(write_report(tmp_path / "again", _bare_report(promotion=again)))
+    assert "v1 is the champion</div>" in source
+    # with version rows, the rule is stated above the table
+    rows = [{"version": 2, "aliases": "champion", "FID low": 3.1, "decision": "champion"}]
+    _, source = _parse(write_report(tmp_path / "rows", _bare_report(comparison=rows)))
+    section = _section(source, "comparison")
+    assert section.rows[0] == ["Version", "Aliases", "FID low", "Decision"]
+    assert "whole FID interval lies below" in source
+
+
+def test_write_report_explains_the_floor(tmp_path: Path) -> None:
+    metrics = {"fid": 4.7, "fid_half": 5.0, "fid_floor_half": 4.3, "fid_half_over_floor": 1.16}
+    _, source = _parse(write_report(tmp_path / "floor", _bare_report(metrics=metrics)))
+    rows = _section(source, "metrics").rows
+    assert rows[1:] == [
+        ["FID fid", "4.7"],
+        ["FID (half sample) fid_half", "5"],
+        ["FID floor (real vs real) fid_floor_half", "4.3"],
+        ["FID / floor fid_half_over_floor", "1.16"],
+    ]
+    assert "two halves of the real holdout set" in source
+    _, source = _parse(write_report(tmp_path / "plain", _bare_report(metrics={"fid": 4.7})))
+    assert "holdout" not in source
+
+
+def test_report_link_markdown_local_and_s3(tmp_path: Path) -> None:
+    folder = tmp_path / "a dir (1)" / "report"
+    local = report_link_markdown(f"file://{folder}/index.html")
+    quoted = str(folder).replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+    assert local == f"[Open the full report](file://{quoted}/index.html)"
+    # the link target is the file: no spaces or parentheses left to end the markdown link
+    target = local[local.index("](") + 2 : -1]
+    assert urlparse(target).scheme == "file"
+    from urllib.parse import unquote
+
+    assert Path(unquote(urlparse(target).path)) == folder / "index.html"
+    s3 = report_link_markdown("s3://bucket/diffpipe/runs/r1/report/index.html")
+    assert "](" not in s3  # a browser cannot open s3://: no dead link
+    assert "`s3://bucket/diffpipe/runs/r1/report/index.html`" in s3
+    assert "aws s3 cp --recursive s3://bucket/diffpipe/runs/r1/report/ report/" in s3
+    assert report_link_markdown("https://h/r/index.html") == (
+        "[Open the full report](https://h/r/index.html)"
+    )

@@ -1,0 +1,197 @@
+"""The promotion rule, and ``diffpipe compare`` against a real MLflow registry on SQLite."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from diffusion_core.compare import RECORD_KEYS, decide
+from flows.cli import main
+from tasks import tracking
+
+RECORD: dict[str, Any] = {
+    "extractor": "domain-cnn",
+    "extractor_sha256": "ab" * 32,
+    "reference_sha256": "cd" * 32,
+    "reference_split": "holdout",
+    "num_samples": 1000,
+    "sampler": "ddim",
+    "steps": 25,
+    "guidance_scale": 1.5,
+    "seed": 0,
+}
+
+
+def evaluation(fid: float, half_width: float = 1.0, **record: Any) -> dict[str, Any]:
+    return {
+        "metrics": {"fid": fid, "fid_low": fid - half_width, "fid_high": fid + half_width},
+        "record": {**RECORD, **record},
+    }
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_clear_win_is_promoted() -> None:
+    decision = decide(evaluation(5.0), evaluation(10.0))  # [4, 6] entirely below [9, 11]
+    assert decision.promote
+    assert "5.000" in decision.reason and "10.000" in decision.reason
+
+
+def test_overlapping_intervals_are_a_tie() -> None:
+    # the point estimate is better, but [8.5, 10.5] overlaps [9, 11]: the champion stays
+    decision = decide(evaluation(9.5), evaluation(10.0))
+    assert not decision.promote
+    assert "tie" in decision.reason
+    # touching intervals still overlap
+    assert not decide(evaluation(8.0), evaluation(10.0)).promote  # [7, 9] vs [9, 11]
+    assert decide(evaluation(7.99), evaluation(10.0)).promote
+    worse = decide(evaluation(12.0), evaluation(10.0))
+    assert not worse.promote and "not better" in worse.reason
+
+
+def test_mismatched_records_are_not_compared() -> None:
+    # far better FID, but with another sampler and step count: not the same number
+    decision = decide(evaluation(1.0, sampler="ddpm", steps=1000), evaluation(10.0))
+    assert not decision.promote
+    assert decision.reason == "not comparable: metric records differ in sampler, steps"
+    # a key missing on one side is a difference too; keys outside the record list are not
+    record = {k: v for k, v in RECORD.items() if k != "extractor_sha256"}
+    missing = decide({"metrics": evaluation(1.0)["metrics"], "record": record}, evaluation(10.0))
+    assert not missing.promote and missing.reason.endswith("differ in extractor_sha256")
+    assert decide(evaluation(1.0, seed=7, reference_split="x"), evaluation(10.0)).promote
+    assert set(RECORD_KEYS) <= set(RECORD)
+
+
+def test_no_champion_yet_promotes() -> None:
+    decision = decide(evaluation(50.0), None)
+    assert decision.promote and decision.reason == "no champion yet"
+
+
+def test_missing_interval_is_not_compared() -> None:
+    bare = {"metrics": {"fid": 1.0}, "record": RECORD}
+    decision = decide(bare, evaluation(10.0))
+    assert not decision.promote
+    assert decision.reason == "not comparable: no challenger fid_low, challenger fid_high"
+
+
+# ------------------------------------------------------------------- registry and command
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MLflow on SQLite with model ``digits``: v1 champion, v2 a clear win, v3 a tie, v4 on
+    another sampler, v5 never evaluated; and ``fresh``: one evaluated version, no champion."""
+    home = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.create_experiment("diffpipe-digits", artifact_location=(home / "art").as_uri())
+    specs: dict[str, list[dict[str, Any] | None]] = {
+        "digits": [
+            evaluation(10.0),
+            evaluation(5.0),
+            evaluation(9.5),
+            evaluation(2.0, sampler="ddpm"),
+            None,
+        ],
+        "fresh": [evaluation(30.0)],
+    }
+    for name, evaluations in specs.items():
+        c.create_registered_model(name)
+        for i, ev in enumerate(evaluations, start=1):
+            run = c.create_run(exp, run_name=f"nightly-{name}-{i}")
+            c.log_param(run.info.run_id, "train.steps", str(100 * i))
+            c.set_terminated(run.info.run_id)
+            mv = c.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
+            if ev is not None:
+                c.set_model_version_tag(name, mv.version, tracking.EVALUATION_TAG, json.dumps(ev))
+        c.set_registered_model_alias(name, "challenger", str(len(evaluations)))
+    c.set_registered_model_alias("digits", "champion", "1")
+    yield uri
+
+
+def test_comparison_table_decisions(registry: str) -> None:
+    table = tracking.comparison_table(registry, "digits")
+    assert list(table["version"]) == [1, 2, 3, 4, 5]
+    assert list(table["aliases"]) == ["champion", "", "", "", "challenger"]
+    assert list(table["decision"]) == [
+        "champion", "promote", "keep champion", "keep champion", "not evaluated",
+    ]  # fmt: skip
+    assert "tie" in table["reason"][2]
+    assert table["reason"][3] == "not comparable: metric records differ in sampler"
+    # metric records and metrics from the versions, run details from mlflow.search_runs
+    assert list(table["metrics.fid"][:4]) == [10.0, 5.0, 9.5, 2.0]
+    assert pd.isna(table["metrics.fid"][4])
+    assert list(table["record.sampler"][:4]) == ["ddim", "ddim", "ddim", "ddpm"]
+    assert list(table["run_name"]) == [f"nightly-digits-{i}" for i in range(1, 6)]
+    assert list(table["train_steps"]) == [str(100 * i) for i in range(1, 6)]
+    assert set(table["run_status"]) == {"FINISHED"}
+
+    fresh = tracking.comparison_table(registry, "fresh")
+    assert list(fresh["decision"]) == ["promote"]
+    assert list(fresh["reason"]) == ["no champion yet"]
+
+    rows = tracking.report_rows(table, last=3)
+    assert [r["version"] for r in rows] == [3, 4, 5]
+    assert rows[0]["FID low"] == 8.5 and rows[2]["FID"] is None
+    assert rows[1]["decision"] == "keep champion"
+
+
+def test_unevaluated_champion_is_not_comparable(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.create_registered_model("m")
+    c.create_model_version("m", "file:///nowhere/1")
+    v2 = c.create_model_version("m", "file:///nowhere/2")
+    c.set_model_version_tag("m", v2.version, tracking.EVALUATION_TAG, json.dumps(evaluation(1.0)))
+    c.set_registered_model_alias("m", "champion", "1")
+    table = tracking.comparison_table(uri, "m")
+    assert list(table["decision"]) == ["champion", "keep champion"]
+    assert table["reason"][1].startswith("not comparable: metric records differ in extractor,")
+    assert table["run_name"].isna().all()  # versions without a source run
+
+
+def test_cli_compare_prints_the_table(
+    registry: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    assert main(["compare", "--model", "digits", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table["version"]) == [1, 2, 3, 4, 5]
+    assert list(table["decision"])[:2] == ["champion", "promote"]
+    assert "record.extractor_sha256" in table.columns
+    assert table["record.extractor_sha256"][0] == "ab" * 32
+
+    assert main(["compare", "--model", "digits"]) == 0  # the table for people: short sha256s
+    out = capsys.readouterr().out
+    assert "ab" * 6 in out and "ab" * 7 not in out and "keep champion" in out
+
+    assert main(["compare", "--model", "digits", "--columns", "version,decision"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["version", "decision"]
+    assert lines[2].split() == ["2", "promote"]
+    assert len(lines) == 6
+
+    assert main(["compare", "--model", "fresh", "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["decision"] == "promote" and row["metrics.fid"] == 30.0
+
+
+def test_cli_compare_bad_input_exits_2(
+    registry: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    assert main(["compare", "--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no registered model named 'nope'" in err
+    assert "registered: digits, fresh" in err
+    assert main(["compare", "--model", "digits", "--columns", "version,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--columns: no column 'bogus'" in err and "decision" in err
