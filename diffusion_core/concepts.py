@@ -43,8 +43,9 @@ def _concept(entry: object, position: int) -> Concept:
         raise ValueError(f"{where} must be a mapping with name, prompts, threshold; got {entry!r}")
     unknown = set(entry) - {"name", "prompts", "threshold"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: name, prompts, "
-                         "threshold)")  # fmt: skip
+        raise ValueError(
+            f"{where}: unknown key(s) {sorted(unknown)} (allowed: name, prompts, threshold)"
+        )
     name, prompts, threshold = entry.get("name"), entry.get("prompts"), entry.get("threshold")
     if not isinstance(name, str) or not name:
         raise ValueError(f"{where}.name must be a non-empty string, got {name!r}")
@@ -57,8 +58,9 @@ def _concept(entry: object, position: int) -> Concept:
         and not isinstance(threshold, bool)
         and -1.0 <= threshold <= 1.0
     ):
-        raise ValueError(f"{where}.threshold must be a cosine similarity in [-1, 1], got "
-                         f"{threshold!r}")  # fmt: skip
+        raise ValueError(
+            f"{where}.threshold must be a cosine similarity in [-1, 1], got {threshold!r}"
+        )
     return Concept(name, tuple(prompts), float(threshold))
 
 
@@ -88,8 +90,9 @@ class ConceptDetector:
         batch_size: int = 64,
     ) -> None:
         if isinstance(concepts, str | bytes) or not isinstance(concepts, Sequence) or not concepts:
-            raise ValueError("concept: concepts must be a non-empty list of {name, prompts, "
-                             "threshold}")  # fmt: skip
+            raise ValueError(
+                "concept: concepts must be a non-empty list of {name, prompts, threshold}"
+            )
         self.concepts = [_concept(entry, i) for i, entry in enumerate(concepts)]
         names = [c.name for c in self.concepts]
         if len(set(names)) != len(names):
@@ -172,8 +175,9 @@ def calibrate_concepts(
     unknown = sorted(set(unsafe) - set(configured))
     missing = [c for c in configured if c not in unsafe]
     if unknown:
-        raise ValueError(f"labelled images for unconfigured concept(s) {unknown} "
-                         f"(configured: {configured})")  # fmt: skip
+        raise ValueError(
+            f"labelled images for unconfigured concept(s) {unknown} (configured: {configured})"
+        )
     if missing:
         raise ValueError(f"no labelled unsafe images for configured concept(s) {missing}")
     if safe.shape[0] == 0:

@@ -409,9 +409,12 @@ class MemorisationDetector:
 
         # Leave-one-out in pixel space: each probe against the other distinct images.
         d1, d2, _ = _two_nearest(
-            _pixel_rows(distinct[probes]), distinct, _pixel_rows,
-            chunk_size=self.chunk_size, exclude=probes,
-        )  # fmt: skip
+            _pixel_rows(distinct[probes]),
+            distinct,
+            _pixel_rows,
+            chunk_size=self.chunk_size,
+            exclude=probes,
+        )
         median = float(d1.median())
         threshold = (
             self.threshold if self.threshold is not None else self.relative_threshold * median
@@ -430,9 +433,12 @@ class MemorisationDetector:
                 )
             train_features = _feature_rows(features(distinct))
             f1, f2, _ = _two_nearest(
-                train_features[probes], train_features, _feature_rows,
-                chunk_size=self.chunk_size, exclude=probes,
-            )  # fmt: skip
+                train_features[probes],
+                train_features,
+                _feature_rows,
+                chunk_size=self.chunk_size,
+                exclude=probes,
+            )
             feature_ratio = self.feature_ratio_threshold
             if feature_ratio is None:
                 ratios = torch.where(f2 > 0, f1 / f2, torch.ones_like(f1))
