@@ -145,6 +145,27 @@ class RunConfig(StrictModel):
     pipeline: PipelineConfig = PipelineConfig()
     safety: SafetyConfig = SafetyConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_detectors(cls, data: Any) -> Any:
+        """Configs saved before the ``safety:`` section (beside checkpoints, in registered
+        models) list detector names under ``pipeline.detectors``: read them as the chain, with
+        ``invalid`` under its present name ``sanity``."""
+        pipeline = data.get("pipeline") if isinstance(data, dict) else None
+        if not (isinstance(pipeline, dict) and "detectors" in pipeline):
+            return data
+        if "safety" in data:
+            raise ValueError("pipeline.detectors is replaced by safety.detectors; give only safety")
+        names = pipeline["detectors"]
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"pipeline.detectors must be a list of names, got {names!r}")
+        renamed = ["sanity" if n == "invalid" else n for n in names]
+        return {
+            **data,
+            "pipeline": {k: v for k, v in pipeline.items() if k != "detectors"},
+            "safety": {"detectors": [{"name": n} for n in renamed]},
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -516,3 +516,14 @@ def test_audit_records_and_flag_rates_add_up(
     assert int(either.sum()) == counts["quarantined"]
     assert counts["published"] + counts["quarantined"] == n
     assert max(rates.values()) <= counts["quarantined"] / n <= sum(rates.values())
+
+
+def test_configs_saved_with_pipeline_detectors_still_load() -> None:
+    """Checkpoints and registered models carry the config of their day."""
+    from diffusion_core.config import ConfigError, parse_config
+
+    cfg = parse_config({"pipeline": {"num_samples": 10, "detectors": ["invalid", "memorisation"]}})
+    assert [d.name for d in cfg.safety.detectors] == ["sanity", "memorisation"]
+    assert cfg.pipeline.num_samples == 10 and "detectors" not in cfg.to_dict()["pipeline"]
+    with pytest.raises(ConfigError, match=r"replaced by safety\.detectors"):
+        parse_config({"pipeline": {"detectors": ["invalid"]}, "safety": {}})
