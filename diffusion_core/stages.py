@@ -473,7 +473,11 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
             "quarantined": inputs.safety.quarantined,
             "flag_rates": inputs.safety.flag_rates,
             "flag_counts": inputs.safety.flag_counts,
-            "failed_detectors": sorted(inputs.safety.failures),
+            **(
+                {"failed_detectors": sorted(inputs.safety.failures)}
+                if inputs.safety.failures
+                else {}
+            ),
         },
         comparison=inputs.comparison,
         sweep=[],
