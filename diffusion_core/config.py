@@ -124,8 +124,37 @@ class PipelineConfig(StrictModel):
     model_name: str | None = None  # registered model name; default: the config's name
     num_samples: int = Field(1000, ge=2)  # samples drawn for safety filtering and evaluation
     shards: int = Field(2, ge=1)  # sampling tasks run in parallel
-    detectors: tuple[str, ...] = ("invalid", "memorisation")
     inpainting: InpaintEvalConfig = InpaintEvalConfig()
+
+
+class DetectorConfig(StrictModel):
+    """One safety detector: a built-in name (sanity, memorisation, concept) or a plug-in's
+    name in the ``diffpipe.detectors`` entry point group, and the keyword parameters (its
+    thresholds among them) it is built with; checked when the chain is built."""
+
+    name: str = Field(min_length=1)
+    enabled: bool = True
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SafetyConfig(StrictModel):
+    """The safety filter's detector chain, run in order; an image is published only when every
+    enabled detector passed it."""
+
+    detectors: tuple[DetectorConfig, ...] = (
+        DetectorConfig(name="sanity"),
+        DetectorConfig(name="memorisation"),
+    )
+
+    @model_validator(mode="after")
+    def _names_unique_and_one_enabled(self) -> SafetyConfig:
+        names = [d.name for d in self.detectors]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"safety.detectors lists {', '.join(repeated)} more than once")
+        if not any(d.enabled for d in self.detectors):
+            raise ValueError("safety.detectors: at least one detector must be enabled")
+        return self
 
 
 class RunConfig(StrictModel):
@@ -136,6 +165,28 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    safety: SafetyConfig = SafetyConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_detectors(cls, data: Any) -> Any:
+        """Configs saved before the ``safety:`` section (beside checkpoints, in registered
+        models) list detector names under ``pipeline.detectors``: read them as the chain, with
+        ``invalid`` under its present name ``sanity``."""
+        pipeline = data.get("pipeline") if isinstance(data, dict) else None
+        if not (isinstance(pipeline, dict) and "detectors" in pipeline):
+            return data
+        if "safety" in data:
+            raise ValueError("pipeline.detectors is replaced by safety.detectors; give only safety")
+        names = pipeline["detectors"]
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"pipeline.detectors must be a list of names, got {names!r}")
+        renamed = ["sanity" if n == "invalid" else n for n in names]
+        return {
+            **data,
+            "pipeline": {k: v for k, v in pipeline.items() if k != "detectors"},
+            "safety": {"detectors": [{"name": n} for n in renamed]},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -8,7 +8,7 @@ orchestrator can pass on. Layout under the store's root:
     judges/<dataset sha256>/        the domain classifier (weights.safetensors, meta.json)
     <run>/checkpoint/               weights.safetensors, ema.safetensors, config.json, state.pt
     <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
-    <run>/safety/                   published.safetensors, quarantine.safetensors, audit.jsonl
+    <run>/safety/                   published.safetensors, quarantine/, audit.jsonl, summary.json
     <run>/metrics.json
     <run>/inpainting/               summary.json (RePaint vs replacement), examples.safetensors
     <run>/report/                   index.html, img/*.png
@@ -38,7 +38,13 @@ from diffusion_core.classifier import (
     save_classifier,
     train_classifier,
 )
-from diffusion_core.config import DataConfig, InpaintEvalConfig, RunConfig, SampleConfig
+from diffusion_core.config import (
+    DataConfig,
+    InpaintEvalConfig,
+    RunConfig,
+    SafetyConfig,
+    SampleConfig,
+)
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
 from diffusion_core.metrics import (
     frechet_distance,
@@ -46,7 +52,7 @@ from diffusion_core.metrics import (
     inception_score,
     kernel_inception_distance,
 )
-from diffusion_core.safety import SafetyContext, build_detectors, filter_images
+from diffusion_core.safety import SafetyContext, build_chain, filter_images
 from diffusion_core.sampling import balanced_labels, generate
 from diffusion_core.storage import ArtefactStore
 from diffusion_core.training import TrainResult, load_model, train
@@ -266,6 +272,8 @@ class SafetyRef:
     published: int
     quarantined: int
     flag_rates: dict[str, float]
+    flag_counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
 
 
 def safety_filter(
@@ -274,27 +282,60 @@ def safety_filter(
     dataset: DatasetRef,
     *,
     out_prefix: str,
-    detectors: list[str],
+    safety: SafetyConfig,
 ) -> SafetyRef:
-    """Run the detector chain over every sample; publish what passes, quarantine the rest."""
+    """Run the configured detector chain over every sample; publish what passes, quarantine
+    the rest with its scores and reasons, and log every decision to ``audit.jsonl``.
+
+    Committed as one directory (``published.safetensors``, ``quarantine/images.safetensors``,
+    ``quarantine/records.jsonl``, ``audit.jsonl``, ``summary.json``), so readers see all of it
+    or none. Sample ids are positions in the concatenated shards, which hold ids in order.
+    """
     samples = read_shards(store, shard_prefixes)
     train_set = read_split(store, dataset, "train")
+    judge: list[TrainedClassifier] = []
+
+    def features(images: Tensor) -> Tensor:  # the domain classifier, fetched on first use
+        if not judge:
+            judge.append(domain_classifier(store, dataset)[0])
+        return judge[0].features(images)
+
     context = SafetyContext(
-        train_images=train_set.images, labels=samples.get("labels"), metadata={}
+        train_images=train_set.images,
+        labels=samples.get("labels"),
+        metadata={"out_prefix": out_prefix},
+        features=features,
     )
-    decision = filter_images(samples["images"], context, build_detectors(detectors, {}))
+    n = len(samples["images"])
+    decision = filter_images(samples["images"], context, build_chain(safety), sample_ids=range(n))
     keep = decision.published
+    samples = {**samples, "sample_ids": torch.arange(n)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        for name, mask in (("published", keep), ("quarantine", ~keep)):
-            save_file(
-                {k: v[mask].contiguous() for k, v in samples.items()}, out / f"{name}.safetensors"
-            )
-        with open(out / "audit.jsonl", "w") as f:
+        (out / "quarantine").mkdir()
+        for path, mask in (
+            ("published.safetensors", keep),
+            ("quarantine/images.safetensors", ~keep),
+        ):
+            save_file({k: v[mask].contiguous() for k, v in samples.items()}, out / path)
+        with (
+            open(out / "audit.jsonl", "w") as audit,
+            open(out / "quarantine/records.jsonl", "w") as q,
+        ):
             for record in decision.records:
-                f.write(json.dumps(record) + "\n")
-        ref = SafetyRef(out_prefix, int(keep.sum()), int((~keep).sum()), decision.flag_rates())
-        summary = {**asdict(ref), "detectors": detectors}
+                line = json.dumps(record) + "\n"
+                audit.write(line)
+                if record["decision"] == "quarantine":
+                    q.write(line)
+        ref = SafetyRef(
+            out_prefix,
+            int(keep.sum()),
+            int((~keep).sum()),
+            decision.flag_rates(),
+            decision.flag_counts(),
+            dict(decision.failures),
+        )
+        summary = {**asdict(ref), "safety": safety.model_dump(mode="json")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         store.put_dir(out_prefix, out)
     return ref
@@ -485,6 +526,12 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
             "published": inputs.safety.published,
             "quarantined": inputs.safety.quarantined,
             "flag_rates": inputs.safety.flag_rates,
+            "flag_counts": inputs.safety.flag_counts,
+            **(
+                {"failed_detectors": sorted(inputs.safety.failures)}
+                if inputs.safety.failures
+                else {}
+            ),
         },
         comparison=inputs.comparison,
         sweep=[],

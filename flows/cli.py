@@ -373,6 +373,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_safety(args: argparse.Namespace) -> int:
+    """Pick per-concept thresholds on a labelled folder and write them into a config."""
+    from diffusion_core.concepts import calibrate_config
+
+    results = calibrate_config(
+        args.config, args.data, args.out, target_fnr=args.target_fnr, detector=args.detector
+    )
+    for r in results.values():
+        print(
+            f"{r.concept}: threshold {r.threshold:.4f}, FNR {r.fnr:.3f} of {r.num_unsafe} "
+            f"unsafe, FPR {r.fpr:.3f} of {r.num_safe} safe"
+        )
+    print(f"config -> {args.out}")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Register deployments/prefect.yaml with the Prefect server at PREFECT_API_URL."""
     import subprocess
@@ -501,6 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefect-file", default="deployments/prefect.yaml")
     p.add_argument("--pool", default="diffpipe", help="process work pool (created when missing)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser(
+        "calibrate-safety", help="calibrate concept thresholds on safe/ and unsafe/<concept>/"
+    )
+    p.add_argument("--data", required=True, help="folder with safe/ and unsafe/<concept>/ images")
+    p.add_argument("--config", required=True, help="run config whose safety section to calibrate")
+    p.add_argument("--target-fnr", type=float, default=0.05, help="false-negative rate to allow")
+    p.add_argument("--detector", default="concept", help="name of the concept detector entry")
+    p.add_argument("--out", required=True, help="where to write the calibrated config YAML")
+    p.set_defaults(func=cmd_calibrate_safety)
 
     p = sub.add_parser("compare", help="table of a registered model's versions and their metrics")
     p.add_argument("--model", default="quickstart", help="registered model name")

@@ -132,7 +132,7 @@ def evaluate_chain(
         shards = [f.result() for f in futures]
     with clock.step("safety_filter"):
         safety = steps.safety_filter(
-            root, shards, dataset, f"{run_prefix}/safety", list(pc.detectors)
+            root, shards, dataset, f"{run_prefix}/safety", cfg.safety.model_dump(mode="json")
         )
     with clock.step("evaluate"):
         evaluation = steps.evaluate(

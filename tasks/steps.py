@@ -19,7 +19,13 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from diffusion_core import compare, stages
-from diffusion_core.config import DataConfig, InpaintEvalConfig, RunConfig, SampleConfig
+from diffusion_core.config import (
+    DataConfig,
+    InpaintEvalConfig,
+    RunConfig,
+    SafetyConfig,
+    SampleConfig,
+)
 from diffusion_core.storage import (
     ArtefactNotFoundError,
     ArtefactStore,
@@ -131,14 +137,14 @@ def safety_filter(
     shards: list[stages.ShardRef],
     dataset: stages.DatasetRef,
     out_prefix: str,
-    detectors: list[str],
+    safety: dict[str, Any],
 ) -> stages.SafetyRef:
     return stages.safety_filter(
         ArtefactStore(artefact_root),
         [s.prefix for s in shards],
         dataset,
         out_prefix=out_prefix,
-        detectors=detectors,
+        safety=SafetyConfig.model_validate(safety),
     )
 
 
