@@ -9,6 +9,7 @@ orchestrator can pass on. Layout under the store's root:
     <run>/checkpoint/               weights.safetensors, ema.safetensors, config.json, state.pt
     <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
     <run>/safety/                   published.safetensors, quarantine.safetensors, audit.jsonl
+                                    (when watermarked: published/*.png, watermark.json)
     <run>/metrics.json
     <run>/report/                   index.html, img/*.png
 
@@ -26,17 +27,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from diffusion_core import watermark as wm
 from diffusion_core.classifier import (
     TrainedClassifier,
     load_classifier,
     save_classifier,
     train_classifier,
 )
-from diffusion_core.config import DataConfig, RunConfig, SampleConfig
+from diffusion_core.config import DataConfig, RunConfig, SampleConfig, WatermarkConfig
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
 from diffusion_core.metrics import (
     frechet_distance,
@@ -300,6 +303,80 @@ def safety_filter(
 
 def read_published(store: ArtefactStore, safety_prefix: str) -> dict[str, Tensor]:
     return _read_tensors(store, safety_prefix, "published.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Watermarking the published images.
+
+
+@dataclass(frozen=True)
+class WatermarkRef:
+    prefix: str
+    marked: int
+    model_name: str
+    model_version: str
+    key_id: str
+    strength: float
+    psnr_mean: float
+    psnr_min: float
+
+
+def watermark_published(
+    store: ArtefactStore,
+    safety_prefix: str,
+    *,
+    model_name: str,
+    model_version: str,
+    run_id: str,
+    cfg: WatermarkConfig,
+) -> WatermarkRef:
+    """Mark the published images of a filtered run with the model's name tag and version, and
+    recommit the safety directory with them: ``published.safetensors`` holds the marked images,
+    ``published/NNNNN.png`` the same with provenance tEXt, ``watermark.json`` this summary.
+
+    Quarantined images are left as they are. Every marked image is decoded again before the
+    commit; one that does not hold the payload fails the stage (nothing is committed). A
+    directory that is already marked is not marked twice: its record is returned.
+    """
+    if "watermark.json" in store.read_manifest(safety_prefix)["files"]:
+        return WatermarkRef(**store.read_json(f"{safety_prefix}/watermark.json")["ref"])
+    key = wm.load_key(key_file=cfg.key_file, key_env=cfg.key_env, create=True)
+    payload = wm.Payload.for_model(model_name, model_version)
+    provenance = wm.Provenance(model_name, model_version, run_id, key.key_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        store.get_dir(safety_prefix, out)
+        published = load_file(out / "published.safetensors")
+        images = published["images"]
+        marked = wm.embed(images, payload, key, step=cfg.strength) if len(images) else images
+        failed = [i for i, r in enumerate(wm.decode(marked, key, step=cfg.strength))
+                  if r.payload != payload]  # fmt: skip
+        if failed:
+            raise wm.WatermarkError(
+                f"{safety_prefix}: {len(failed)} of {len(images)} published images do not hold "
+                f"the mark after embedding (first: {failed[:5]}); raise pipeline.watermark."
+                f"strength or check the images"
+            )
+        save_file({**published, "images": marked.contiguous()}, out / "published.safetensors")
+        (out / "published").mkdir()
+        for i, image in enumerate(marked):
+            wm.save_png(image, out / "published" / f"{i:05d}.png", provenance)
+        psnrs = [wm.psnr(a, b) for a, b in zip(images, marked, strict=True)]
+        ref = WatermarkRef(
+            prefix=safety_prefix,
+            marked=len(marked),
+            model_name=model_name,
+            model_version=model_version,
+            key_id=key.key_id,
+            strength=cfg.strength,
+            psnr_mean=float(np.mean(psnrs)) if psnrs else float("nan"),
+            psnr_min=float(np.min(psnrs)) if psnrs else float("nan"),
+        )
+        record = {"ref": asdict(ref), "scheme": wm.SCHEME, "payload_bits": wm.PAYLOAD_BITS}
+        (out / "watermark.json").write_text(json.dumps(record, indent=2))
+        store.put_dir(safety_prefix, out)
+    log.info("watermarked %d published images (key id %s)", ref.marked, ref.key_id)
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------

@@ -131,6 +131,12 @@ def evaluate_chain(
         safety = steps.safety_filter(
             root, shards, dataset, f"{run_prefix}/safety", list(pc.detectors)
         )
+    mark = None
+    if pc.watermark.enabled:  # only the published images, before anything reads them
+        with clock.step("watermark"):
+            mark = steps.watermark(
+                root, safety, model, run_id, pc.watermark.model_dump(mode="json")
+            )
     with clock.step("evaluate"):
         evaluation = steps.evaluate(
             root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
@@ -165,6 +171,7 @@ def evaluate_chain(
         "report_uri": report_url,
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
         "promotion": decision,
+        **({"watermark": asdict(mark)} if mark is not None else {}),
     }
 
 

@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from diffusion_core import compare, stages
-from diffusion_core.config import DataConfig, RunConfig, SampleConfig
+from diffusion_core.config import DataConfig, RunConfig, SampleConfig, WatermarkConfig
 from diffusion_core.storage import (
     ArtefactNotFoundError,
     ArtefactStore,
@@ -139,6 +139,25 @@ def safety_filter(
         dataset,
         out_prefix=out_prefix,
         detectors=detectors,
+    )
+
+
+@task(name="watermark", cache_policy=NO_CACHE, **io_retries)
+def watermark(
+    artefact_root: str,
+    safety: stages.SafetyRef,
+    model: tracking.ModelRef,
+    run_id: str,
+    watermark_config: dict[str, Any],
+) -> stages.WatermarkRef:
+    """Mark the published images with the model version (the key is read inside, never passed)."""
+    return stages.watermark_published(
+        ArtefactStore(artefact_root),
+        safety.prefix,
+        model_name=model.name,
+        model_version=model.version,
+        run_id=run_id,
+        cfg=WatermarkConfig.model_validate(watermark_config),
     )
 
 
