@@ -348,7 +348,7 @@ def watermark_published(
         store.get_dir(safety_prefix, out)
         published = load_file(out / "published.safetensors")
         images = published["images"]
-        marked = wm.embed(images, payload, key, step=cfg.strength) if len(images) else images
+        marked = wm.embed(images, payload, key, step=cfg.strength)
         failed = [i for i, r in enumerate(wm.decode(marked, key, step=cfg.strength))
                   if r.payload != payload]  # fmt: skip
         if failed:

@@ -285,9 +285,10 @@ def _as_array(images: Tensor) -> np.ndarray:
 
 def _luma(pixels: np.ndarray) -> np.ndarray:
     """(N, C, H, W) float -> (N, H*W) luma."""
-    if pixels.shape[1] == 1:
-        return pixels[:, 0].reshape(len(pixels), -1)
-    return np.einsum("c,nchw->nhw", LUMA, pixels).reshape(len(pixels), -1)
+    n, channels, h, w = pixels.shape
+    if channels == 1:
+        return pixels[:, 0].reshape(n, h * w)
+    return np.einsum("c,nchw->nhw", LUMA, pixels).reshape(n, h * w)
 
 
 def _correlations(pixels: np.ndarray, c: Carrier) -> np.ndarray:

@@ -103,6 +103,11 @@ def test_patterns_are_orthonormal_and_live_in_the_low_ac_band(size):
     assert np.abs(wm.carrier(OTHER_KEY, size, size).patterns.T @ p).max() < 0.9
 
 
+def test_an_empty_batch_is_fine():
+    empty = torch.zeros(0, 3, 32, 32, dtype=torch.uint8)
+    assert wm.embed(empty, PAYLOAD, KEY).shape == empty.shape and wm.decode(empty, KEY) == []
+
+
 def test_too_small_images_are_refused_naming_the_size():
     with pytest.raises(wm.WatermarkError, match="8x8 image is too small"):
         wm.embed(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), PAYLOAD, KEY)
