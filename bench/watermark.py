@@ -4,7 +4,9 @@ throughput on the quickstart's digits and on 32x32 colour images.
 Sets: ``digits16`` (the 1,797 scikit-learn digits at 16x16, greyscale: the quickstart's
 images), ``shapes32`` (1,000 synthetic colour shapes at 32x32), ``noise32`` (1,000 uniform
 random RGB images at 32x32). Each set is marked with one payload under one key, then read
-back after a PNG round trip and after JPEG at quality 90 and 75 (Pillow, 4:2:0 chroma).
+back after a PNG round trip and after JPEG at quality 90 and 75 (Pillow, 4:2:0 chroma), read
+as the verifier reads files (a colour JPEG's Y plane); colour sets also after JPEG 90 read as
+RGB pixels (``jpeg90_rgb``).
 False positives: the unmarked images of every set plus blank, saturated and constant ones
 read with the key, and the marked ones read with another key. Throughput is images per second
 of one process (``OMP_NUM_THREADS=1``), batches of 256.
@@ -15,6 +17,7 @@ of one process (``OMP_NUM_THREADS=1``), batches of 256.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -25,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,6 +58,19 @@ def timed(fn, images: torch.Tensor, batch: int = 256) -> tuple[list, float]:
     return out, len(images) / (time.perf_counter() - t0)
 
 
+def jpeg_as_rgb(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """A JPEG round trip read back as RGB pixels (chroma upsampled, clipped) rather than as the
+    Y plane the verifier reads: what a mark faces after a JPEG was converted to another format."""
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as img:
+            out.append(torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
 def measure(images: torch.Tensor, step: float) -> dict[str, float]:
     parts, embed_rate = timed(lambda x: wm.embed(x, PAYLOAD, KEY, step=step), images)
     marked = torch.cat(parts)
@@ -72,8 +89,11 @@ def measure(images: torch.Tensor, step: float) -> dict[str, float]:
     s_marked = wm._correlations(marked.numpy().astype(np.float64), c)
     # The spread of an unmarked image's correlation: what additive spread spectrum would face.
     row["host_correlation_std"] = float(wm._correlations(images.numpy().astype(float), c).std())
-    for name, quality in (("png", None), ("jpeg90", 90), ("jpeg75", 75)):
-        channel = wm.round_trip(marked, jpeg_quality=quality)
+    channels = {name: wm.round_trip(marked, jpeg_quality=quality)
+                for name, quality in (("png", None), ("jpeg90", 90), ("jpeg75", 75))}  # fmt: skip
+    if images.shape[1] == 3:
+        channels["jpeg90_rgb"] = jpeg_as_rgb(marked, 90)
+    for name, channel in channels.items():
         bits, _ = wm.read_bits(channel, KEY, step=step)
         readings = wm.decode(channel, KEY, step=step)
         shift = wm._correlations(channel.numpy().astype(np.float64), c) - s_marked

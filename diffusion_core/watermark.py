@@ -371,18 +371,30 @@ def psnr(reference: Tensor, other: Tensor) -> float:
 # ----------------------------------------------------------------------------- files
 
 
-def load_image(path: str | os.PathLike[str]) -> Tensor:
-    """An image file as uint8 (1, C, H, W): greyscale stays one channel, anything else is
-    converted to RGB (alpha dropped). WatermarkError names the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = "L" if img.mode in ("L", "LA", "1", "I", "I;16") else "RGB"
-            arr = np.asarray(img.convert(mode))
-    except (OSError, ValueError) as exc:
-        raise WatermarkError(f"{path}: cannot read image ({exc})") from None
+def _pixels(img: Image.Image) -> Tensor:
+    """An open image as uint8 (1, C, H, W): greyscale stays one channel; a colour JPEG gives its
+    own Y plane (one channel: the luma the decoder reads, before chroma upsampling and the
+    conversion to RGB clip it); anything else is converted to RGB (alpha dropped)."""
+    if img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
+        img.draft("YCbCr", img.size)  # decode without the colour conversion
+        img.load()
+        arr = np.asarray(img)[..., 0] if img.mode == "YCbCr" else np.asarray(img.convert("L"))
+    elif img.mode in ("L", "LA", "1", "I", "I;16"):
+        arr = np.asarray(img.convert("L"))
+    else:
+        arr = np.asarray(img.convert("RGB"))
     arr = arr[..., None] if arr.ndim == 2 else arr  # (H, W, C)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
+
+
+def load_image(path: str | os.PathLike[str]) -> Tensor:
+    """An image file as uint8 (1, C, H, W), as :func:`decode` wants it (see :func:`_pixels`).
+    WatermarkError names the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return _pixels(img)
+    except (OSError, ValueError) as exc:
+        raise WatermarkError(f"{path}: cannot read image ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -419,8 +431,9 @@ def read_png_provenance(path: str | os.PathLike[str]) -> Provenance | None:
 
 
 def round_trip(images: Tensor, *, jpeg_quality: int | None = None) -> Tensor:
-    """``images`` (uint8 (N, C, H, W)) after saving and reading back with Pillow: as PNG when
-    ``jpeg_quality`` is None, else as JPEG at that quality (Pillow's default 4:2:0 chroma)."""
+    """``images`` (uint8 (N, C, H, W)) saved with Pillow and read back as :func:`load_image`
+    reads files: as PNG when ``jpeg_quality`` is None, else as JPEG at that quality (Pillow's
+    default 4:2:0 chroma; colour JPEGs come back as their one-channel Y plane)."""
     out = []
     for image in images:
         arr = image.permute(1, 2, 0).numpy()  # (H, W, C)
@@ -432,7 +445,5 @@ def round_trip(images: Tensor, *, jpeg_quality: int | None = None) -> Tensor:
             pil.save(buffer, format="JPEG", quality=jpeg_quality)
         buffer.seek(0)
         with Image.open(buffer) as img:
-            back = np.asarray(img)
-        back = back[..., None] if back.ndim == 2 else back
-        out.append(torch.from_numpy(back.copy()).permute(2, 0, 1))
+            out.append(_pixels(img)[0])
     return torch.stack(out) if out else images.clone()

@@ -136,6 +136,18 @@ def test_survives_png_and_jpeg_90_on_random_rgb():
     assert bit_accuracy(jpeg) >= 0.999 and recovered(jpeg) >= 0.98
 
 
+def test_survives_jpeg_90_on_colour_shapes():
+    # Saturated colour edges: a colour JPEG is read as its Y plane, before chroma upsampling
+    # and the conversion back to RGB clip it.
+    images = load_dataset(DataConfig(kind="shapes", image_size=32, num_samples=200)).images
+    marked = wm.embed(images, PAYLOAD, KEY)
+    jpeg = wm.round_trip(marked, jpeg_quality=90)
+    assert jpeg.shape == (200, 1, 32, 32)
+    luma = torch.einsum("c,nchw->nhw", torch.tensor(wm.LUMA), marked.double())
+    assert (jpeg[:, 0].double() - luma).abs().mean() < 2.0  # the Y plane is the image's luma
+    assert bit_accuracy(jpeg) >= 0.999 and recovered(jpeg) >= 0.98
+
+
 def test_grey_and_rgb_copies_of_an_image_read_alike(digits):
     # RGB with R = G = B has the grey image as its luma: the mark reads the same either way.
     marked = wm.embed(digits[:20], PAYLOAD, KEY)
