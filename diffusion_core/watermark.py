@@ -349,7 +349,7 @@ def read_bits(
     c = carrier(key, pixels.shape[2], pixels.shape[3], step=step)
     phase = np.mod((_correlations(pixels, c) - c.dither) / step, 1.0)  # 0 -> bit 0, 0.5 -> 1
     bits = ((phase >= 0.25) & (phase < 0.75)).astype(np.uint8)
-    margin = (0.25 - np.abs(np.mod(phase, 0.5) - 0.25)) * step
+    margin = np.abs(np.mod(phase, 0.5) - 0.25) * step  # to the nearer of 0.25 and 0.75
     return bits, margin
 
 

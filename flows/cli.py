@@ -278,11 +278,12 @@ def cmd_verify_watermark(args: argparse.Namespace) -> int:
     unreadable (each image is reported either way)."""
     from diffusion_core import watermark as wm
 
-    key = wm.load_key(key_file=args.key_file, key_env=args.key_env)
+    key = wm.load_key(key_file=args.key_file, key_env=args.key_env or wm.KEY_ENV)
+    step = wm.DEFAULT_STEP if args.strength is None else args.strength
     unmarked = unreadable = 0
     for path in args.images:
         try:
-            unmarked += not _describe_mark(path, key, args.strength)
+            unmarked += not _describe_mark(path, key, step)
         except wm.WatermarkError as exc:
             print(f"diffpipe: error: {exc}", file=sys.stderr)
             unreadable += 1
@@ -376,10 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     p.add_argument("--key-file", help="the watermark key file (default: $DIFFPIPE_WATERMARK_KEY, "
                    "else $DIFFPIPE_HOME/watermark.key)")  # fmt: skip
-    p.add_argument("--key-env", default="DIFFPIPE_WATERMARK_KEY",
-                   help="environment variable holding the key")  # fmt: skip
-    p.add_argument("--strength", type=float, default=18.0,
-                   help="the pipeline.watermark.strength the images were marked with")  # fmt: skip
+    p.add_argument("--key-env", help="environment variable holding the key "
+                   "(default DIFFPIPE_WATERMARK_KEY)")  # fmt: skip
+    p.add_argument("--strength", type=float, help="the pipeline.watermark.strength the images "
+                   "were marked with (default 18)")  # fmt: skip
     p.set_defaults(func=cmd_verify_watermark)
     return parser
 

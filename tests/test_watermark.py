@@ -123,6 +123,11 @@ def test_survives_png_and_jpeg_90_on_digits(digits):
     marked = wm.embed(images, PAYLOAD, KEY)
     png = wm.round_trip(marked)
     assert torch.equal(png, marked) and recovered(png) == 1.0
+    # Freshly marked, every correlation sits on its lattice point, step/4 from the boundaries
+    # (less the rounding to integers); an unmarked image's bits lie anywhere.
+    _, margins = wm.read_bits(png, KEY)
+    assert margins.max() <= wm.DEFAULT_STEP / 4 and margins.min() > wm.DEFAULT_STEP / 4 - 1.5
+    assert wm.read_bits(images, KEY)[1].mean() == pytest.approx(wm.DEFAULT_STEP / 8, rel=0.1)
     jpeg = wm.round_trip(marked, jpeg_quality=90)
     assert not torch.equal(jpeg, marked)
     assert bit_accuracy(jpeg) >= 0.999 and recovered(jpeg) >= 0.98
