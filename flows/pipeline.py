@@ -134,9 +134,9 @@ def evaluate_chain(
     mark = None
     if pc.watermark.enabled:  # only the published images, before anything reads them
         with clock.step("watermark"):
-            mark = steps.watermark(
-                root, safety, model, run_id, pc.watermark.model_dump(mode="json")
-            )
+            mark = steps.watermark(root, safety, model, run_id, f"{run_prefix}/published",
+                                   pc.watermark.model_dump(mode="json"))  # fmt: skip
+        safety = mark.safety  # evaluation and the report read the marked images
     with clock.step("evaluate"):
         evaluation = steps.evaluate(
             root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
@@ -171,7 +171,7 @@ def evaluate_chain(
         "report_uri": report_url,
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
         "promotion": decision,
-        **({"watermark": asdict(mark)} if mark is not None else {}),
+        **({"watermark": mark.summary()} if mark is not None else {}),
     }
 
 

@@ -148,12 +148,14 @@ def watermark(
     safety: stages.SafetyRef,
     model: tracking.ModelRef,
     run_id: str,
+    out_prefix: str,
     watermark_config: dict[str, Any],
 ) -> stages.WatermarkRef:
     """Mark the published images with the model version (the key is read inside, never passed)."""
     return stages.watermark_published(
         ArtefactStore(artefact_root),
-        safety.prefix,
+        safety,
+        out_prefix=out_prefix,
         model_name=model.name,
         model_version=model.version,
         run_id=run_id,

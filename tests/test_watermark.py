@@ -14,7 +14,7 @@ import pytest
 import scipy.fft
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from diffusion_core import stages
 from diffusion_core import watermark as wm
@@ -313,33 +313,39 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
 
     cfg = WatermarkConfig(enabled=True, key_env="STAGE_WM_KEY")
     with caplog.at_level(logging.DEBUG):
-        ref = stages.watermark_published(store, "runs/r1/safety", model_name="quickstart",
-                                         model_version="7", run_id="r1", cfg=cfg)  # fmt: skip
+        ref = stages.watermark_published(store, safety, out_prefix="runs/r1/published",
+                                         model_name="quickstart", model_version="7",
+                                         run_id="r1", cfg=cfg)  # fmt: skip
     key = wm.load_key(key_env="STAGE_WM_KEY")
     assert (ref.marked, ref.key_id, ref.model_version) == (10, key.key_id, "7")
-    assert ref.psnr_min > 30
+    assert ref.psnr_min is not None and ref.psnr_min > 30
+    assert ref.safety == stages.SafetyRef("runs/r1/published", 10, 2, safety.flag_rates)
 
-    published = stages.read_published(store, "runs/r1/safety")
+    # What reads the published set next gets the marked images, labels and seeds kept.
+    published = stages.read_published(store, ref.safety.prefix)
     assert all(r.payload == PAYLOAD for r in wm.decode(published["images"], key))
     assert torch.equal(published["labels"], torch.arange(10))
     assert 0 < wm.psnr(images[:10], published["images"]) < float("inf")
-    after = store.read_manifest("runs/r1/safety")["files"]
-    for name in ("quarantine.safetensors", "audit.jsonl", "summary.json"):
-        assert after[name] == before[name]  # untouched, byte for byte
+    # The filter's own output is untouched, byte for byte; quarantined images carry no mark.
+    assert store.read_manifest("runs/r1/safety")["files"] == before
+    quarantine = stages._read_tensors(store, "runs/r1/safety", "quarantine.safetensors")
+    assert torch.equal(quarantine["images"], images[10:])
+    assert not any(r.marked for r in wm.decode(quarantine["images"], key))
+
     local = tmp_path / "fetched"
-    store.get_dir("runs/r1/safety", local)
-    quarantine = load_file(local / "quarantine.safetensors")["images"]
-    assert not any(r.marked for r in wm.decode(quarantine, key))
-    pngs = sorted((local / "published").glob("*.png"))
+    store.get_dir("runs/r1/published", local)
+    pngs = sorted(local.glob("*.png"))
     assert len(pngs) == 10
     assert wm.read_png_provenance(pngs[4]) == wm.Provenance("quickstart", "7", "r1", key.key_id)
     assert torch.equal(wm.load_image(pngs[4])[0], published["images"][4])
     assert json.loads((local / "watermark.json").read_text())["ref"]["marked"] == 10
 
-    # Safe to re-run: an already marked directory is not marked again.
-    again = stages.watermark_published(store, "runs/r1/safety", model_name="quickstart",
-                                       model_version="7", run_id="r1", cfg=cfg)  # fmt: skip
-    assert again == ref and store.read_manifest("runs/r1/safety")["files"] == after
+    # Safe to re-run: the committed record comes back, nothing is rewritten.
+    committed = store.read_manifest("runs/r1/published")
+    again = stages.watermark_published(store, safety, out_prefix="runs/r1/published",
+                                       model_name="quickstart", model_version="7",
+                                       run_id="r1", cfg=cfg)  # fmt: skip
+    assert again == ref and store.read_manifest("runs/r1/published") == committed
     # The key never reaches the logs or the store.
     assert secret not in caplog.text
     assert all(secret.encode() not in p.read_bytes() for p in local.rglob("*") if p.is_file())

@@ -52,14 +52,21 @@ def test_nightly_publishes_marked_images(harness, tmp_path, monkeypatch):  # noq
     assert (mark["model_version"], mark["key_id"]) == (version, key.key_id)
 
     store = ArtefactStore(default_root())
-    local = tmp_path / "safety"
-    store.get_dir(f"runs/{summary['run_id']}/safety", local)
+    run = f"runs/{summary['run_id']}"
+    assert mark["prefix"] == f"{run}/published"
+    local = tmp_path / "published"
+    store.get_dir(f"{run}/published", local)
     published = load_file(local / "published.safetensors")["images"]
+    assert len(published) == summary["samples"]["published"]
     expected = wm.Payload.for_model("tiny-wm", version)
     assert all(r.payload == expected for r in wm.decode(published, key))
-    quarantine = load_file(local / "quarantine.safetensors")["images"]
+    # The filter's published set (unmarked) is the one that was marked; quarantine is not.
+    store.get_dir(f"{run}/safety", tmp_path / "safety")
+    filtered = load_file(tmp_path / "safety" / "published.safetensors")["images"]
+    assert 0 < wm.psnr(filtered, published) < float("inf")
+    quarantine = load_file(tmp_path / "safety" / "quarantine.safetensors")["images"]
     assert not any(r.marked for r in wm.decode(quarantine, key))
-    pngs = sorted((local / "published").glob("*.png"))
+    pngs = sorted(local.glob("*.png"))
     assert len(pngs) == len(published)
     meta = wm.read_png_provenance(pngs[0])
     assert meta == wm.Provenance("tiny-wm", version, summary["run_id"], key.key_id)
