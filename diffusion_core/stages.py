@@ -353,8 +353,8 @@ def watermark_published(
     provenance = wm.Provenance(model_name, model_version, run_id, key.key_id)
     published = read_published(store, safety.prefix)
     images = published["images"]
-    marked = wm.embed(images, payload, key, step=cfg.strength)
-    failed = [i for i, r in enumerate(wm.decode(marked, key, step=cfg.strength))
+    marked = wm.embed(images, payload, key, strength=cfg.strength)
+    failed = [i for i, r in enumerate(wm.decode(marked, key, strength=cfg.strength))
               if r.payload != payload]  # fmt: skip
     if failed:
         raise wm.WatermarkError(

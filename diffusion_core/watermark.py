@@ -21,11 +21,12 @@ So this module uses *spread-transform dither modulation* (STDM; Chen & Wornell 2
   accept the payload only when its CRC-16 matches: a random or unmarked image, or a marked one
   read with another key, passes with probability 2^-16.
 
-The expected distortion is ``bits * step**2 / 12`` over the image (``step**2 / 64`` per pixel
-at 16x16: 41.1 dB PSNR at the default step 18, less where clipping at 0 or 255 pushes the change
-onto fewer pixels: 39.1 dB on average over the digits), and a bit survives any change of its
-correlation smaller than ``step / 4`` = 4.5 grey levels (JPEG at quality 90 moves it by 1.1 RMS,
-at quality 75 by 2.5 RMS, where some bits flip: see bench/README.md).
+The lattice step is ``strength * sqrt(H * W / 256)`` (``strength`` 18 by default), so the
+expected distortion, ``bits * step**2 / 12`` over the image, is ``strength**2 / 64`` per pixel at
+every size: 41.1 dB PSNR at the default, less where clipping at 0 or 255 pushes the change onto
+fewer pixels (39.1 dB on average over the digits). A bit survives any change of its correlation
+smaller than ``step / 4`` (4.5 grey levels at 16x16, 9 at 32x32); JPEG at quality 90 moves it by
+about 1 RMS and at quality 75 by about 2.5, whatever the size (see bench/README.md).
 
 Payload (48 bits): a 16-bit tag of the model name (the first two bytes of its sha256), the
 16-bit model version, and CRC-16/CCITT-FALSE over those four bytes.
@@ -58,7 +59,7 @@ SCHEME = "diffpipe-stdm-dct8-v1"
 BLOCK = 8
 BAND = range(1, 15)  # zigzag positions of the carrier coefficients in each 8x8 block
 PAYLOAD_BITS = 48
-DEFAULT_STEP = 18.0
+DEFAULT_STRENGTH = 18.0  # the lattice step at 16x16, in grey levels
 DEFAULT_ITERATIONS = 30
 MIN_KEY_BYTES = 16
 KEY_ENV = "DIFFPIPE_WATERMARK_KEY"
@@ -220,20 +221,21 @@ def _zigzag(n: int) -> list[tuple[int, int]]:
     return sorted(cells, key=lambda rc: (rc[0] + rc[1], rc[0] if (rc[0] + rc[1]) % 2 else rc[1]))
 
 
-@lru_cache(maxsize=8)
-def _band_basis(height: int, width: int) -> np.ndarray:
-    """(D, H*W): the spatial images of the carrier coefficients, orthonormal rows."""
+def _spatial(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(D, K) carrier coordinates -> (H*W, K) images: each column's coefficients are placed at
+    the band's positions of every 8x8 block (blocks in row-major order) and inverse-DCT'd.
+    Pixels past the last whole block stay 0."""
+    k = coefficients.shape[1]
+    hb, wb = height // BLOCK, width // BLOCK
+    zigzag = _zigzag(BLOCK)
+    rows, cols = zip(*(zigzag[z] for z in BAND), strict=True)
+    coef = np.zeros((k, hb, wb, BLOCK, BLOCK))
+    coef[:, :, :, list(rows), list(cols)] = coefficients.T.reshape(k, hb, wb, len(BAND))
     dct = _dct_matrix(BLOCK)
-    cells = [_zigzag(BLOCK)[z] for z in BAND]
-    rows = []
-    for by in range(height // BLOCK):
-        for bx in range(width // BLOCK):
-            for r, c in cells:
-                image = np.zeros((height, width))
-                y, x = by * BLOCK, bx * BLOCK
-                image[y : y + BLOCK, x : x + BLOCK] = np.outer(dct[r], dct[c])
-                rows.append(image.ravel())
-    return np.array(rows)
+    blocks = (dct.T @ coef @ dct).transpose(0, 1, 3, 2, 4)  # C^T X C, (K, hb, 8, wb, 8)
+    images = np.zeros((k, height, width))
+    images[:, : hb * BLOCK, : wb * BLOCK] = blocks.reshape(k, hb * BLOCK, wb * BLOCK)
+    return images.reshape(k, height * width).T
 
 
 def capacity(height: int, width: int) -> int:
@@ -251,25 +253,30 @@ class Carrier:
     step: float
 
 
-def carrier(key: WatermarkKey, height: int, width: int, *, step: float = DEFAULT_STEP) -> Carrier:
-    """The patterns and dithers ``key`` derives for ``height`` x ``width`` images."""
-    if not (np.isfinite(step) and step > 0):
-        raise WatermarkError(f"watermark step (strength) must be a finite number > 0, got {step}")
+def carrier(
+    key: WatermarkKey, height: int, width: int, *, strength: float = DEFAULT_STRENGTH
+) -> Carrier:
+    """The patterns and dithers ``key`` derives for ``height`` x ``width`` images, with the
+    lattice step ``strength * sqrt(H * W / 256)``: the same distortion per pixel (PSNR) at every
+    size. (A fixed step spread over a large image would be mostly undone by rounding to uint8.)
+    """
+    if not (np.isfinite(strength) and strength > 0):
+        raise WatermarkError(f"watermark strength must be a finite number > 0, got {strength}")
     if capacity(height, width) < PAYLOAD_BITS:
         raise WatermarkError(
             f"a {height}x{width} image is too small for the {PAYLOAD_BITS}-bit watermark: it has "
             f"{capacity(height, width)} carrier coefficients, at least 16x16 pixels are needed"
         )
-    return _carrier(key.derive(f"{SCHEME}/{height}x{width}"), height, width, float(step))
+    step = float(strength) * np.sqrt(height * width / 256.0)
+    return _carrier(key.derive(f"{SCHEME}/{height}x{width}"), height, width, step)
 
 
 @lru_cache(maxsize=16)
 def _carrier(seed: bytes, height: int, width: int, step: float) -> Carrier:
     rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "big")))
-    basis = _band_basis(height, width)  # (D, H*W)
-    q, r = np.linalg.qr(rng.standard_normal((basis.shape[0], PAYLOAD_BITS)))
+    q, r = np.linalg.qr(rng.standard_normal((capacity(height, width), PAYLOAD_BITS)))
     q = q * np.sign(np.diag(r))  # (D, bits), a uniformly random orthonormal frame
-    return Carrier(basis.T @ q, rng.uniform(0.0, step, PAYLOAD_BITS), step)
+    return Carrier(_spatial(q, height, width), rng.uniform(0.0, step, PAYLOAD_BITS), step)
 
 
 # ----------------------------------------------------------------------------- embed / decode
@@ -300,7 +307,7 @@ def embed(
     payload: Payload,
     key: WatermarkKey,
     *,
-    step: float = DEFAULT_STEP,
+    strength: float = DEFAULT_STRENGTH,
     iterations: int = DEFAULT_ITERATIONS,
 ) -> Tensor:
     """``images`` (uint8 (N, C, H, W), C = 1 or 3) carrying ``payload`` under ``key``.
@@ -313,10 +320,10 @@ def embed(
     """
     pixels = _as_array(images)
     n, _, h, w = pixels.shape
-    c = carrier(key, h, w, step=step)
-    offset = c.dither + payload.to_bits() * (step / 2)  # (bits,)
+    c = carrier(key, h, w, strength=strength)
+    offset = c.dither + payload.to_bits() * (c.step / 2)  # (bits,)
     s = _correlations(pixels, c)
-    target = offset + step * np.round((s - offset) / step)  # (N, bits)
+    target = offset + c.step * np.round((s - offset) / c.step)  # (N, bits)
     marked = pixels
     for _ in range(iterations):
         change = (target - s) @ c.patterns.T  # (N, H*W), the luma change
@@ -341,21 +348,23 @@ class Reading:
 
 
 def read_bits(
-    images: Tensor, key: WatermarkKey, *, step: float = DEFAULT_STEP
+    images: Tensor, key: WatermarkKey, *, strength: float = DEFAULT_STRENGTH
 ) -> tuple[np.ndarray, np.ndarray]:
     """The raw bits, uint8 (N, bits), read with ``key``, and each bit's margin: the distance of
     its correlation from the decision boundary, in grey levels, float (N, bits)."""
     pixels = _as_array(images)
-    c = carrier(key, pixels.shape[2], pixels.shape[3], step=step)
-    phase = np.mod((_correlations(pixels, c) - c.dither) / step, 1.0)  # 0 -> bit 0, 0.5 -> 1
+    c = carrier(key, pixels.shape[2], pixels.shape[3], strength=strength)
+    phase = np.mod((_correlations(pixels, c) - c.dither) / c.step, 1.0)  # 0 -> bit 0, 0.5 -> 1
     bits = ((phase >= 0.25) & (phase < 0.75)).astype(np.uint8)
-    margin = np.abs(np.mod(phase, 0.5) - 0.25) * step  # to the nearer of 0.25 and 0.75
+    margin = np.abs(np.mod(phase, 0.5) - 0.25) * c.step  # to the nearer of 0.25 and 0.75
     return bits, margin
 
 
-def decode(images: Tensor, key: WatermarkKey, *, step: float = DEFAULT_STEP) -> list[Reading]:
+def decode(
+    images: Tensor, key: WatermarkKey, *, strength: float = DEFAULT_STRENGTH
+) -> list[Reading]:
     """Read each image's mark under ``key``; a payload is returned only when its CRC holds."""
-    bits, margins = read_bits(images, key, step=step)
+    bits, margins = read_bits(images, key, strength=strength)
     readings = []
     for b, m in zip(bits, margins, strict=True):
         readings.append(Reading(Payload.from_bits(b), b, float(m.min())))

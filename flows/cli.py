@@ -249,11 +249,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_mark(path: str, key: Any, step: float) -> bool:
+def _describe_mark(path: str, key: Any, strength: float) -> bool:
     """Print what ``path`` carries; True when it holds a valid mark under ``key``."""
     from diffusion_core import watermark as wm
 
-    reading = wm.decode(wm.load_image(path), key, step=step)[0]
+    reading = wm.decode(wm.load_image(path), key, strength=strength)[0]
     meta = wm.read_png_provenance(path)
     said = ""
     if meta:
@@ -279,11 +279,11 @@ def cmd_verify_watermark(args: argparse.Namespace) -> int:
     from diffusion_core import watermark as wm
 
     key = wm.load_key(key_file=args.key_file, key_env=args.key_env or wm.KEY_ENV)
-    step = wm.DEFAULT_STEP if args.strength is None else args.strength
+    strength = wm.DEFAULT_STRENGTH if args.strength is None else args.strength
     unmarked = unreadable = 0
     for path in args.images:
         try:
-            unmarked += not _describe_mark(path, key, step)
+            unmarked += not _describe_mark(path, key, strength)
         except wm.WatermarkError as exc:
             print(f"diffpipe: error: {exc}", file=sys.stderr)
             unreadable += 1

@@ -39,9 +39,12 @@ def random_rgb(n: int, seed: int, size: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
 
 
-def recovered(images: torch.Tensor, key: wm.WatermarkKey = KEY) -> float:
+def recovered(
+    images: torch.Tensor, key: wm.WatermarkKey = KEY, strength: float = wm.DEFAULT_STRENGTH
+) -> float:
     """Fraction of images whose decoded payload is PAYLOAD."""
-    return float(np.mean([r.payload == PAYLOAD for r in wm.decode(images, key)]))
+    readings = wm.decode(images, key, strength=strength)
+    return float(np.mean([r.payload == PAYLOAD for r in readings]))
 
 
 def bit_accuracy(images: torch.Tensor) -> float:
@@ -125,9 +128,10 @@ def test_survives_png_and_jpeg_90_on_digits(digits):
     assert torch.equal(png, marked) and recovered(png) == 1.0
     # Freshly marked, every correlation sits on its lattice point, step/4 from the boundaries
     # (less the rounding to integers); an unmarked image's bits lie anywhere.
+    step = wm.DEFAULT_STRENGTH  # the lattice step at 16x16
     _, margins = wm.read_bits(png, KEY)
-    assert margins.max() <= wm.DEFAULT_STEP / 4 and margins.min() > wm.DEFAULT_STEP / 4 - 1.5
-    assert wm.read_bits(images, KEY)[1].mean() == pytest.approx(wm.DEFAULT_STEP / 8, rel=0.1)
+    assert margins.max() <= step / 4 and margins.min() > step / 4 - 1.5
+    assert wm.read_bits(images, KEY)[1].mean() == pytest.approx(step / 8, rel=0.1)
     jpeg = wm.round_trip(marked, jpeg_quality=90)
     assert not torch.equal(jpeg, marked)
     assert bit_accuracy(jpeg) >= 0.999 and recovered(jpeg) >= 0.98
@@ -180,22 +184,23 @@ def test_unmarked_images_and_wrong_keys_read_as_unmarked(digits):
     assert recovered(marked) == 1.0 and recovered(marked, OTHER_KEY) == 0.0
     assert not any(r.marked for r in wm.decode(marked, OTHER_KEY))
     # ... nor under the right key read with another strength (step).
-    assert not any(r.marked for r in wm.decode(marked, KEY, step=13.0))
+    assert not any(r.marked for r in wm.decode(marked, KEY, strength=13.0))
 
 
 # ----------------------------------------------------------------------------- distortion
 
 
-def test_distortion_matches_the_dither_quantiser_closed_form():
+@pytest.mark.parametrize(("size", "count"), [(16, 400), (32, 200), (128, 12)])
+def test_distortion_matches_the_dither_quantiser_closed_form(size, count):
     # Mid-grey images are never clipped: each correlation moves by a uniform error on
-    # [-step/2, step/2], so the luma MSE is bits * step^2 / 12 over H*W pixels, plus 1/12 from
-    # rounding to integers.
+    # [-step/2, step/2] with step = strength * sqrt(H*W / 256), so the MSE is
+    # bits * step^2 / 12 / (H*W) = strength^2 / 64 at every size, plus 1/12 from rounding.
     gen = torch.Generator().manual_seed(4)
-    images = torch.randint(64, 192, (400, 1, 16, 16), dtype=torch.uint8, generator=gen)
-    marked = wm.embed(images, PAYLOAD, KEY, step=12.0)
+    images = torch.randint(64, 192, (count, 1, size, size), dtype=torch.uint8, generator=gen)
+    marked = wm.embed(images, PAYLOAD, KEY, strength=12.0)
     mse = float(((marked.double() - images.double()) ** 2).mean())
-    expected = wm.PAYLOAD_BITS * 12.0**2 / 12 / 256 + 1 / 12
-    assert mse == pytest.approx(expected, rel=0.05)
+    assert mse == pytest.approx(12.0**2 / 64 + 1 / 12, rel=0.05)
+    assert recovered(wm.round_trip(marked), strength=12.0) == 1.0
 
 
 def test_psnr_on_the_quickstart_digits(digits):
@@ -236,7 +241,7 @@ def test_key_sources_and_secrecy(tmp_path, monkeypatch):
 def test_config_section():
     cfg = parse_config({"pipeline": {"watermark": {"enabled": True, "key_file": "/k"}}})
     assert cfg.pipeline.watermark.enabled and cfg.pipeline.watermark.key_file == "/k"
-    assert WatermarkConfig().strength == wm.DEFAULT_STEP
+    assert WatermarkConfig().strength == wm.DEFAULT_STRENGTH
     assert not PipelineConfig().watermark.enabled
     with pytest.raises(ValueError, match=r"pipeline\.watermark\.key'"):
         parse_config({"pipeline": {"watermark": {"key": "literal"}}})
