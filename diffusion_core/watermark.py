@@ -21,12 +21,13 @@ So this module uses *spread-transform dither modulation* (STDM; Chen & Wornell 2
   accept the payload only when its CRC-16 matches: a random or unmarked image, or a marked one
   read with another key, passes with probability 2^-16.
 
-The lattice step is ``strength * sqrt(H * W / 256)`` (``strength`` 18 by default), so the
+The lattice step is ``strength * sqrt(H * W / 256)`` (``strength`` 18 by default; H and W
+rounded down to whole 8x8 blocks, which is the part of the image that carries the mark), so the
 expected distortion, ``bits * step**2 / 12`` over the image, is ``strength**2 / 64`` per pixel at
 every size: 41.1 dB PSNR at the default, less where clipping at 0 or 255 pushes the change onto
 fewer pixels (39.1 dB on average over the digits). A bit survives any change of its correlation
 smaller than ``step / 4`` (4.5 grey levels at 16x16, 9 at 32x32); JPEG at quality 90 moves it by
-about 1 RMS and at quality 75 by about 2.5, whatever the size (see bench/README.md).
+about 1 RMS and at quality 75 by about 2.5, at 16x16 and 32x32 alike (see bench/README.md).
 
 Payload (48 bits): a 16-bit tag of the model name (the first two bytes of its sha256), the
 16-bit model version, and CRC-16/CCITT-FALSE over those four bytes.
@@ -257,8 +258,9 @@ def carrier(
     key: WatermarkKey, height: int, width: int, *, strength: float = DEFAULT_STRENGTH
 ) -> Carrier:
     """The patterns and dithers ``key`` derives for ``height`` x ``width`` images, with the
-    lattice step ``strength * sqrt(H * W / 256)``: the same distortion per pixel (PSNR) at every
-    size. (A fixed step spread over a large image would be mostly undone by rounding to uint8.)
+    lattice step ``strength * sqrt(H * W / 256)`` over the whole 8x8 blocks: the same distortion
+    per pixel (PSNR) at every size. (A fixed step spread over a large image would be mostly
+    undone by rounding to uint8.)
     """
     if not (np.isfinite(strength) and strength > 0):
         raise WatermarkError(f"watermark strength must be a finite number > 0, got {strength}")
@@ -267,7 +269,7 @@ def carrier(
             f"a {height}x{width} image is too small for the {PAYLOAD_BITS}-bit watermark: it has "
             f"{capacity(height, width)} carrier coefficients, at least 16x16 pixels are needed"
         )
-    step = float(strength) * np.sqrt(height * width / 256.0)
+    step = float(strength) * np.sqrt((height // BLOCK) * (width // BLOCK) / 4.0)
     return _carrier(key.derive(f"{SCHEME}/{height}x{width}"), height, width, step)
 
 
@@ -365,10 +367,9 @@ def decode(
 ) -> list[Reading]:
     """Read each image's mark under ``key``; a payload is returned only when its CRC holds."""
     bits, margins = read_bits(images, key, strength=strength)
-    readings = []
-    for b, m in zip(bits, margins, strict=True):
-        readings.append(Reading(Payload.from_bits(b), b, float(m.min())))
-    return readings
+    return [
+        Reading(Payload.from_bits(b), b, float(m.min())) for b, m in zip(bits, margins, strict=True)
+    ]
 
 
 def psnr(reference: Tensor, other: Tensor) -> float:
