@@ -116,6 +116,22 @@ class InpaintEvalConfig(StrictModel):
         return self
 
 
+class WatermarkConfig(StrictModel):
+    """The invisible watermark on published images (``diffusion_core.watermark``).
+
+    The key is never part of the config (configs are logged to MLflow and saved beside every
+    checkpoint): it is read from ``key_file`` when set, else from the environment variable
+    ``key_env``, else from ``$DIFFPIPE_HOME/watermark.key`` (created on first use). The
+    payload is fixed at 48 bits (model name tag, version, CRC-16); ``strength`` is the
+    quantisation step in grey levels, and the verifier must use the same one.
+    """
+
+    enabled: bool = False
+    key_env: str = Field("DIFFPIPE_WATERMARK_KEY", min_length=1)
+    key_file: str | None = None
+    strength: float = Field(18.0, gt=0.0, le=128.0)
+
+
 class PipelineConfig(StrictModel):
     """Where a pipeline run keeps things, and how much it samples."""
 
@@ -125,6 +141,7 @@ class PipelineConfig(StrictModel):
     num_samples: int = Field(1000, ge=2)  # samples drawn for safety filtering and evaluation
     shards: int = Field(2, ge=1)  # sampling tasks run in parallel
     inpainting: InpaintEvalConfig = InpaintEvalConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
 
 
 class DetectorConfig(StrictModel):

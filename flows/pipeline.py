@@ -134,6 +134,12 @@ def evaluate_chain(
         safety = steps.safety_filter(
             root, shards, dataset, f"{run_prefix}/safety", cfg.safety.model_dump(mode="json")
         )
+    mark = None
+    if pc.watermark.enabled:  # only the published images, before anything reads them
+        with clock.step("watermark"):
+            mark = steps.watermark(root, safety, model, run_id, f"{run_prefix}/published",
+                                   pc.watermark.model_dump(mode="json"))  # fmt: skip
+        safety = mark.safety  # evaluation and the report read the marked images
     with clock.step("evaluate"):
         evaluation = steps.evaluate(
             root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
@@ -178,6 +184,7 @@ def evaluate_chain(
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
         "promotion": decision,
         "inpainting": [] if inpainting is None else inpainting.rows,
+        **({"watermark": mark.summary()} if mark is not None else {}),
     }
 
 

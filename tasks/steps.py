@@ -25,6 +25,7 @@ from diffusion_core.config import (
     RunConfig,
     SafetyConfig,
     SampleConfig,
+    WatermarkConfig,
 )
 from diffusion_core.storage import (
     ArtefactNotFoundError,
@@ -145,6 +146,27 @@ def safety_filter(
         dataset,
         out_prefix=out_prefix,
         safety=SafetyConfig.model_validate(safety),
+    )
+
+
+@task(name="watermark", cache_policy=NO_CACHE, **io_retries)
+def watermark(
+    artefact_root: str,
+    safety: stages.SafetyRef,
+    model: tracking.ModelRef,
+    run_id: str,
+    out_prefix: str,
+    watermark_config: dict[str, Any],
+) -> stages.WatermarkRef:
+    """Mark the published images with the model version (the key is read inside, never passed)."""
+    return stages.watermark_published(
+        ArtefactStore(artefact_root),
+        safety,
+        out_prefix=out_prefix,
+        model_name=model.name,
+        model_version=model.version,
+        run_id=run_id,
+        cfg=WatermarkConfig.model_validate(watermark_config),
     )
 
 
