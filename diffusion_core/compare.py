@@ -11,12 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 RECORD_KEYS = (
+    "engine",
     "extractor",
     "extractor_sha256",
     "reference_sha256",
+    "reference_split",
     "num_samples",
+    "num_reference",
     "sampler",
     "steps",
+    "nfe",
+    "spacing",
+    "eta",
     "guidance_scale",
 )
 
@@ -39,7 +45,10 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None) -> Decis
         return Decision(True, "no champion yet")
     differ = record_mismatch(challenger["record"], champion["record"])
     if differ:
-        return Decision(False, f"not comparable: metric records differ in {', '.join(differ)}")
+        values = "; ".join(
+            f"{k}: {challenger['record'].get(k)!r} vs {champion['record'].get(k)!r}" for k in differ
+        )
+        return Decision(False, f"not comparable: metric records differ in {values}")
     c, k = challenger["metrics"], champion["metrics"]
     if c["fid_high"] < k["fid_low"]:
         return Decision(True, f"FID {c['fid']:.3f} beats {k['fid']:.3f} beyond both intervals")

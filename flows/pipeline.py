@@ -23,7 +23,7 @@ from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
 from diffusion_core import stages
-from diffusion_core.config import RunConfig, load_config
+from diffusion_core.config import RunConfig, load_config, parse_config
 from diffusion_core.storage import ArtefactStore, default_root, diffpipe_home
 from tasks import steps, tracking
 
@@ -133,8 +133,15 @@ def evaluate_chain(
         )
     with clock.step("evaluate"):
         evaluation = steps.evaluate(
-            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
-        )
+            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json",
+            cfg.evaluation.model_dump(mode="json"),
+        )  # fmt: skip
+    sweep = None
+    if cfg.evaluation.sweep:
+        with clock.step("sweep"):
+            sweep = steps.sweep(
+                root, checkpoint_prefix, dataset, cfg.to_dict(), f"{run_prefix}/sweep"
+            )
     with clock.step("compare"):
         decision = steps.compare_promote(target.tracking_uri, model, evaluation)
     table = tracking.comparison_table(target.tracking_uri, model.name)
@@ -146,7 +153,9 @@ def evaluate_chain(
                 run_prefix=run_prefix, run_id=run_id, model_name=model.name,
                 model_version=model.version, config=cfg.to_dict(), dataset=dataset,
                 safety=safety, metrics=evaluation.metrics, history=history,
-                comparison=comparison, notes=[decision["reason"]],
+                comparison=comparison,
+                notes=[decision["reason"]] + ([sweep.note] if sweep else []),
+                sweep=sweep.rows if sweep else [],
             ),
         )  # fmt: skip
     tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)
@@ -165,6 +174,16 @@ def evaluate_chain(
         "report_uri": report_url,
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
         "promotion": decision,
+        **({"sweep": sweep_summary(root, sweep)} if sweep else {}),
+    }
+
+
+def sweep_summary(root: str, sweep: stages.SweepRef) -> dict[str, Any]:
+    return {
+        "rows": sweep.rows,
+        "note": sweep.note,
+        "match": sweep.match,
+        "table_uri": ArtefactStore(root).url(sweep.prefix, "sweep.csv"),
     }
 
 
@@ -266,8 +285,12 @@ def nightly(
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``."""
+def evaluate_model(
+    model_uri: str, tracking_uri: str | None = None, evaluation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``;
+    ``evaluation`` (an ``evaluation:`` config section, e.g. with a ``sweep``) replaces the one
+    saved with the checkpoint."""
     t0 = time.perf_counter()
     uri = tracking.tracking_uri(tracking_uri)
     version = tracking.resolve_version(uri, model_uri)
@@ -275,6 +298,8 @@ def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str,
     dataset = stages.DatasetRef(**json.loads(version.tags["diffpipe.dataset"]))
     checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
     cfg = stages.checkpoint_config(ArtefactStore(root), checkpoint_prefix)
+    if evaluation is not None:
+        cfg = parse_config({**cfg.to_dict(), "evaluation": evaluation}, source="evaluation")
     target = Target(root, uri, str(diffpipe_home() / "work"))
     model = tracking.ModelRef(version.name, str(version.version), list(version.aliases), model_uri)
     clock = StepClock()

@@ -19,7 +19,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from diffusion_core import compare, stages
-from diffusion_core.config import DataConfig, RunConfig, SampleConfig
+from diffusion_core.config import DataConfig, EvaluationConfig, RunConfig, SampleConfig
 from diffusion_core.storage import (
     ArtefactNotFoundError,
     ArtefactStore,
@@ -149,6 +149,7 @@ def evaluate(
     dataset: stages.DatasetRef,
     sample_config: dict[str, Any],
     out_key: str,
+    evaluation_config: dict[str, Any] | None = None,
 ) -> stages.Evaluation:
     return stages.evaluate_samples(
         ArtefactStore(artefact_root),
@@ -156,6 +157,25 @@ def evaluate(
         dataset,
         sample=SampleConfig.model_validate(sample_config),
         out_key=out_key,
+        evaluation=EvaluationConfig.model_validate(evaluation_config or {}),
+    )
+
+
+@task(name="sweep", cache_policy=NO_CACHE, **io_retries)
+def sweep(
+    artefact_root: str,
+    checkpoint_prefix: str,
+    dataset: stages.DatasetRef,
+    config: dict[str, Any],
+    out_prefix: str,
+) -> stages.SweepRef:
+    """Quality against sampling cost over the config's ``evaluation.sweep``."""
+    return stages.sweep_samplers(
+        ArtefactStore(artefact_root),
+        checkpoint_prefix,
+        dataset,
+        RunConfig.model_validate(config),
+        out_prefix=out_prefix,
     )
 
 
