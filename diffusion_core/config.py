@@ -123,12 +123,12 @@ class EvaluationConfig(StrictModel):
     extractor: EvaluationExtractor = "domain"  # domain: the dataset's own classifier
     weights: str | None = None  # inception-v3-compat only: a local path or fsspec URL
     weights_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
-    num_samples: int | None = Field(None, ge=2)  # published samples evaluated; None: all
+    num_samples: int | None = Field(None, ge=4)  # published samples evaluated; None: all
     interval_draws: int = Field(100, ge=2)
     interval_level: float = Field(0.95, gt=0.0, lt=1.0)
     batch_size: int = Field(64, ge=1)
     sweep: tuple[SweepSetting, ...] = ()
-    sweep_num_samples: int = Field(500, ge=2)
+    sweep_num_samples: int = Field(500, ge=4)
 
     @model_validator(mode="after")
     def _weights_for_extractor(self) -> EvaluationConfig:

@@ -49,6 +49,7 @@ DOMAIN = "diffpipe-domain"  # torch-fidelity's registry name of the domain class
 INCEPTION = "inception-v3-compat"
 EXTRACTORS = {"domain": DOMAIN, "inception-v3-compat": INCEPTION}  # config name -> registry name
 ENGINE = f"torch-fidelity {torch_fidelity.__version__}"
+MIN_IMAGES = 4  # per side: precision/recall needs a 3rd nearest neighbour besides the sample
 
 
 class WeightsError(ValueError):
@@ -250,8 +251,11 @@ def calculate(
     for this call only (its cache keys carry no content hash, so a shared cache could serve stale
     features). The Inception Score uses one split of all samples.
     """
-    if len(generated) < 2 or len(reference) < 2:
-        raise ValueError(f"need >= 2 images per side, got {len(generated)} and {len(reference)}")
+    if min(len(generated), len(reference)) < MIN_IMAGES:
+        raise ValueError(
+            f"need >= {MIN_IMAGES} images per side (precision/recall uses each sample's 3rd "
+            f"nearest neighbour), got {len(generated)} and {len(reference)}"
+        )
     with tempfile.TemporaryDirectory() as cache:
         raw = torch_fidelity.calculate_metrics(
             input1=UInt8Images(generated, rgb=extractor.rgb),
@@ -320,7 +324,7 @@ def score(
     )
     # The floor: two disjoint halves of the reference, at the generated half's sample count.
     h = min(len(g), len(r) // 2)
-    if h < 2:
+    if h < MIN_IMAGES:
         raise ValueError(f"{len(r)} reference images: too few to split for the real-vs-real floor")
     perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
     ref_a, ref_b = r[perm[:h]], r[perm[h : 2 * h]]

@@ -355,7 +355,7 @@ def evaluate_samples(
     published = read_published(store, safety_prefix)
     holdout = read_split(store, dataset, "holdout")
     n = min(len(published["images"]), ec.num_samples or len(published["images"]))
-    if n < 2:
+    if n < fidelity.MIN_IMAGES:
         raise ValueError(f"{safety_prefix}: {n} published samples, too few to evaluate")
     images = published["images"][:n]
     with tempfile.TemporaryDirectory() as tmp:
