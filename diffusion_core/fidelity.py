@@ -154,7 +154,9 @@ def fetch_weights(
     source: str, cache_dir: Path, *, expected_sha256: str | None = None
 ) -> tuple[Path, str]:
     """A local copy of the weights at ``source`` (a path, or an fsspec URL such as file:// or
-    s3:// fetched once into ``cache_dir``) and its sha256, checked against ``expected_sha256``."""
+    s3:// fetched once into ``cache_dir``, keyed by the URL) and its sha256, checked against
+    ``expected_sha256``. The sha256 is computed on every call, so the metric record names the
+    bytes actually used even if the object behind a URL changed after it was cached."""
     if "://" not in source:
         local = Path(source).expanduser()
         if not local.is_file():
