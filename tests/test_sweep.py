@@ -62,3 +62,19 @@ def test_sweep_counts_one_network_call_per_step_with_batched_guidance(single_thr
     with count_forwards(net) as calls:
         net(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
     assert calls == [1]
+
+
+def test_cli_evaluate_rejects_a_bad_evaluation_file_before_starting(tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text(yaml.safe_dump({"evaluation": {"sweep": [{"sampler": "euler", "steps": 5}]}}))
+    assert main(["evaluate", "--model", "models:/none/1", "--evaluation", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "evaluation.sweep.0.sampler" in err
+    (tmp_path / "empty.yaml").write_text("sample: {steps: 3}\n")
+    assert main(["evaluate", "--model", "models:/none/1", "--evaluation",
+                 str(tmp_path / "empty.yaml")]) == 2  # fmt: skip
+    assert "needs an 'evaluation:' section" in capsys.readouterr().err
