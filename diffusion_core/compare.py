@@ -23,12 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 RECORD_KEYS = (
+    "engine",
     "extractor",
     "extractor_sha256",
     "reference_sha256",
+    "reference_split",
     "num_samples",
+    "num_reference",
     "sampler",
     "steps",
+    "nfe",
+    "spacing",
+    "eta",
     "guidance_scale",
 )
 FID_KEYS = ("fid", "fid_low", "fid_high")
@@ -52,7 +58,11 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None) -> Decis
         return Decision(True, "no champion yet")
     differ = record_mismatch(challenger.get("record", {}), champion.get("record", {}))
     if differ:
-        return Decision(False, f"not comparable: metric records differ in {', '.join(differ)}")
+        values = "; ".join(
+            f"{k}: {challenger.get('record', {}).get(k)!r} vs {champion.get('record', {}).get(k)!r}"
+            for k in differ
+        )
+        return Decision(False, f"not comparable: metric records differ in {values}")
     c, k = challenger.get("metrics", {}), champion.get("metrics", {})
     missing = [
         f"{who} {key}"

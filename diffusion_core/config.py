@@ -174,6 +174,50 @@ class SafetyConfig(StrictModel):
         return self
 
 
+class SweepSetting(StrictModel):
+    """One sampler setting of the quality-vs-cost sweep."""
+
+    sampler: SamplerName
+    steps: int = Field(ge=1)
+
+
+EvaluationExtractor = Literal["domain", "inception-v3-compat"]
+
+
+class EvaluationConfig(StrictModel):
+    """How samples are judged: the feature extractor, the sample counts, the intervals, and an
+    optional sweep of sampler settings (each run at ``sweep_num_samples`` samples)."""
+
+    extractor: EvaluationExtractor = "domain"  # domain: the dataset's own classifier
+    weights: str | None = None  # inception-v3-compat only: a local path or fsspec URL
+    weights_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    num_samples: int | None = Field(None, ge=4)  # published samples evaluated; None: all
+    interval_draws: int = Field(100, ge=2)
+    interval_level: float = Field(0.95, gt=0.0, lt=1.0)
+    batch_size: int = Field(64, ge=1)
+    sweep: tuple[SweepSetting, ...] = ()
+    sweep_num_samples: int = Field(500, ge=4)
+
+    @model_validator(mode="after")
+    def _weights_for_extractor(self) -> EvaluationConfig:
+        if self.extractor == "inception-v3-compat" and not self.weights:
+            raise ValueError(
+                "evaluation.weights is required for evaluation.extractor='inception-v3-compat' "
+                "(a local path or URL of the weights; nothing is downloaded unless configured)"
+            )
+        if self.extractor == "domain" and (self.weights or self.weights_sha256):
+            raise ValueError(
+                "evaluation.weights and evaluation.weights_sha256 apply only to "
+                "evaluation.extractor='inception-v3-compat' (the domain classifier is trained "
+                "from the dataset)"
+            )
+        seen = [(s.sampler, s.steps) for s in self.sweep]
+        dupes = sorted({f"{a}:{b}" for a, b in seen if seen.count((a, b)) > 1})
+        if dupes:
+            raise ValueError(f"evaluation.sweep repeats {', '.join(dupes)}")
+        return self
+
+
 class RunConfig(StrictModel):
     name: str = "diffpipe"
     data: DataConfig = DataConfig()
@@ -182,6 +226,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     safety: SafetyConfig = SafetyConfig()
 
     @model_validator(mode="before")

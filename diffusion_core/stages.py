@@ -20,12 +20,14 @@ orchestrator can pass on. Layout under the store's root:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from diffusion_core import inpaint_eval
+from diffusion_core import fidelity, inpaint_eval
 from diffusion_core import watermark as wm
 from diffusion_core.classifier import (
     TrainedClassifier,
@@ -44,6 +46,7 @@ from diffusion_core.classifier import (
 )
 from diffusion_core.config import (
     DataConfig,
+    EvaluationConfig,
     InpaintEvalConfig,
     RunConfig,
     SafetyConfig,
@@ -51,15 +54,10 @@ from diffusion_core.config import (
     WatermarkConfig,
 )
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
-from diffusion_core.metrics import (
-    frechet_distance,
-    half_sample_interval,
-    inception_score,
-    kernel_inception_distance,
-)
 from diffusion_core.safety import SafetyContext, build_chain, filter_images
 from diffusion_core.sampling import balanced_labels, generate
-from diffusion_core.storage import ArtefactStore
+from diffusion_core.storage import ArtefactStore, diffpipe_home
+from diffusion_core.sweep import fewest_nfe_match, run_sweep
 from diffusion_core.training import TrainResult, load_model, train
 
 log = logging.getLogger(__name__)
@@ -459,6 +457,19 @@ class Evaluation:
     record: dict[str, Any]
 
 
+def evaluation_extractor(
+    store: ArtefactStore, dataset: DatasetRef, ec: EvaluationConfig, work_dir: Path
+) -> tuple[fidelity.Extractor, TrainedClassifier]:
+    """The configured feature extractor, and the domain classifier (the judge of conditional
+    accuracy whichever extractor computes the features). Fetched Inception weights are cached
+    under ``$DIFFPIPE_HOME/cache/weights``."""
+    judge, judge_sha = domain_classifier(store, dataset)
+    if ec.extractor == "inception-v3-compat":
+        return fidelity.inception_extractor(ec, diffpipe_home() / "cache" / "weights"), judge
+    save_classifier(judge, work_dir)
+    return fidelity.Extractor(fidelity.DOMAIN, work_dir, judge_sha), judge
+
+
 def evaluate_samples(
     store: ArtefactStore,
     safety_prefix: str,
@@ -466,56 +477,108 @@ def evaluate_samples(
     *,
     sample: SampleConfig,
     out_key: str,
+    evaluation: EvaluationConfig | None = None,
 ) -> Evaluation:
-    """FID, KID and IS on the domain classifier's features of the published samples against the
-    holdout split, with half-sample intervals, the real-vs-real floor and conditional accuracy."""
+    """FID, KID, IS and precision/recall (torch-fidelity, on the configured extractor's features)
+    of the published samples against the holdout split, with intervals, the real-vs-real floor
+    and conditional accuracy; the record says what the numbers may be compared with."""
+    ec = evaluation or EvaluationConfig()
     published = read_published(store, safety_prefix)
     holdout = read_split(store, dataset, "holdout")
-    clf, clf_sha = domain_classifier(store, dataset)
-    images = published["images"]
-    if len(images) < 2:
-        raise ValueError(f"{safety_prefix}: {len(images)} published samples, too few to evaluate")
-    n = min(len(images), len(holdout))
-    ref_feats = clf.features(holdout.images)
-    gen_feats = clf.features(images[:n])
-    # The floor: two disjoint halves of the holdout, against each other.
-    half = len(holdout) // 2
-    perm = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(0))
-    floor = frechet_distance(ref_feats[perm[:half]], ref_feats[perm[half : 2 * half]])
-    fid_half = frechet_distance(gen_feats[:half], ref_feats[perm[:half]])
-    fid = frechet_distance(gen_feats, ref_feats)
-    fid_lo, fid_hi = half_sample_interval(frechet_distance, gen_feats, ref_feats)
-    kid = kernel_inception_distance(gen_feats, ref_feats)
-    kid_lo, kid_hi = half_sample_interval(kernel_inception_distance, gen_feats, ref_feats)
-    metrics = {
-        "fid": fid,
-        "fid_low": fid_lo,
-        "fid_high": fid_hi,
-        "fid_half": fid_half,
-        "fid_floor_half": floor,
-        "fid_half_over_floor": fid_half / floor if floor > 0 else float("inf"),
-        "kid": kid,
-        "kid_low": kid_lo,
-        "kid_high": kid_hi,
-        "inception_score": inception_score(clf.logits(images[:n])),
-        "judge_holdout_accuracy": clf.holdout_accuracy,
-        "num_samples": float(n),
-    }
+    n = min(len(published["images"]), ec.num_samples or len(published["images"]))
+    if n < fidelity.MIN_IMAGES:
+        raise ValueError(f"{safety_prefix}: {n} published samples, too few to evaluate")
+    images = published["images"][:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        extractor, judge = evaluation_extractor(store, dataset, ec, Path(tmp))
+        metrics = fidelity.score(
+            images, holdout.images, extractor, cuda=torch.cuda.is_available(),
+            batch_size=ec.batch_size, draws=ec.interval_draws, level=ec.interval_level,
+            seed=sample.seed,
+        )  # fmt: skip
+    metrics["judge_holdout_accuracy"] = judge.holdout_accuracy
     if "labels" in published:
-        metrics["conditional_accuracy"] = clf.accuracy(images, published["labels"])
+        metrics["conditional_accuracy"] = judge.accuracy(images, published["labels"][:n])
+        metrics["accuracy_gap"] = judge.holdout_accuracy - metrics["conditional_accuracy"]
+    seeds = published["seeds"][:n]
     record = {
-        "extractor": "domain-cnn",
-        "extractor_sha256": clf_sha,
+        "engine": fidelity.ENGINE,
+        "extractor": ec.extractor,
+        "extractor_sha256": extractor.sha256,
         "reference_sha256": dataset.sha256,
         "reference_split": "holdout",
         "num_samples": n,
+        "num_reference": len(holdout),
         "sampler": sample.sampler,
         "steps": sample.steps,
+        "nfe": sample.steps,  # one network call per step; guided halves are one 2B batch
+        "spacing": sample.spacing,
+        "eta": sample.eta,
         "guidance_scale": sample.guidance_scale,
         "seed": sample.seed,
+        "seeds": f"{int(seeds.min())}..{int(seeds.max())}",  # per-sample noise seeds
     }
     store.write_json(out_key, {"metrics": metrics, "record": record})
     return Evaluation(metrics, record)
+
+
+@dataclass(frozen=True)
+class SweepRef:
+    prefix: str
+    rows: list[dict[str, Any]]
+    note: str  # which setting reaches the reference quality with the fewest NFE
+    match: dict[str, Any] | None
+
+
+def sweep_samplers(
+    store: ArtefactStore,
+    checkpoint_prefix: str,
+    dataset: DatasetRef,
+    cfg: RunConfig,
+    *,
+    out_prefix: str,
+) -> SweepRef:
+    """Quality against sampling cost over ``cfg.evaluation.sweep`` (see ``diffusion_core.sweep``):
+    ``sweep.csv`` and ``sweep.json`` (rows, reference, cheapest match, record) under
+    ``out_prefix``. Sweep samples are judged raw (no safety filter) and never published."""
+    ec = cfg.evaluation
+    if not ec.sweep:
+        raise ValueError("evaluation.sweep is empty: nothing to sweep")
+    holdout = read_split(store, dataset, "holdout")
+    with tempfile.TemporaryDirectory() as tmp:
+        net, spec = load_model(fetch_checkpoint(store, checkpoint_prefix, Path(tmp) / "ckpt"))
+        if torch.cuda.is_available():
+            net = net.cuda()
+        extractor, _ = evaluation_extractor(store, dataset, ec, Path(tmp) / "extractor")
+        judge = partial(
+            fidelity.score, reference=holdout.images, extractor=extractor,
+            cuda=torch.cuda.is_available(), batch_size=ec.batch_size, draws=ec.interval_draws,
+            level=ec.interval_level, seed=cfg.sample.seed,
+        )  # fmt: skip
+        rows = run_sweep(
+            net, spec, cfg.sample, ec.sweep, num_samples=ec.sweep_num_samples, judge=judge
+        )
+    best = fewest_nfe_match(rows)
+    record = {
+        "engine": fidelity.ENGINE,
+        "extractor": ec.extractor,
+        "extractor_sha256": extractor.sha256,
+        "reference_sha256": dataset.sha256,
+        "reference_split": "holdout",
+        "num_reference": len(holdout),
+        "safety_filter": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        with open(out / "sweep.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "sweep.json").write_text(
+            json.dumps({"rows": rows, **best, "record": record}, indent=2)
+        )
+        store.put_dir(out_prefix, out)
+    return SweepRef(out_prefix, rows, best["note"], best["match"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +644,7 @@ class ReportInputs:
     notes: list[str] = field(default_factory=list)
     inpainting_prefix: str | None = None  # an evaluate_inpainting output, when it ran
     promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
+    sweep: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
@@ -622,7 +686,7 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
             ),
         },
         comparison=inputs.comparison,
-        sweep=[],
+        sweep=inputs.sweep,
         notes=inputs.notes,
         promotion=inputs.promotion,
     )

@@ -334,11 +334,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_section(path: str | None) -> dict[str, Any] | None:
+    """The validated ``evaluation:`` section of a YAML file (None without a file)."""
+    if path is None:
+        return None
+    from diffusion_core.config import ConfigError, parse_config
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: file not found")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict) or "evaluation" not in data:
+        raise ConfigError(f"{path}: needs an 'evaluation:' section")
+    parse_config({"evaluation": data["evaluation"]}, source=path)
+    section: dict[str, Any] = data["evaluation"]
+    return section
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    evaluation = _evaluation_section(args.evaluation)  # validate before anything starts
     _prefect_env()
     from flows.pipeline import evaluate_model
 
-    _finish(evaluate_model(model_uri=args.model), args)
+    _finish(evaluate_model(model_uri=args.model, evaluation=evaluation), args)
     return 0
 
 
@@ -552,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="models:/<name>/<version> or models:/<name>@<alias>"
     )
     p.add_argument("--summary-out", help="write the evaluation's summary JSON here")
+    p.add_argument(
+        "--evaluation", metavar="YAML", help="use this file's evaluation: section (e.g. a sweep)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments (needs PREFECT_API_URL)")

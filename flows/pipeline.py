@@ -25,7 +25,7 @@ from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
 from diffusion_core import stages
-from diffusion_core.config import RunConfig, load_config
+from diffusion_core.config import RunConfig, load_config, parse_config
 from diffusion_core.report import report_link_markdown
 from diffusion_core.storage import ArtefactStore, default_root, diffpipe_home
 from tasks import steps, tracking
@@ -142,8 +142,9 @@ def evaluate_chain(
         safety = mark.safety  # evaluation and the report read the marked images
     with clock.step("evaluate"):
         evaluation = steps.evaluate(
-            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json"
-        )
+            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json",
+            cfg.evaluation.model_dump(mode="json"),
+        )  # fmt: skip
     inpainting = None
     if pc.inpainting.enabled:
         with clock.step("inpaint_evaluate"):
@@ -151,6 +152,12 @@ def evaluate_chain(
                 root, checkpoint_prefix, dataset, cfg.sample.model_dump(mode="json"),
                 pc.inpainting.model_dump(mode="json"), f"{run_prefix}/inpainting",
             )  # fmt: skip
+    sweep = None
+    if cfg.evaluation.sweep:
+        with clock.step("sweep"):
+            sweep = steps.sweep(
+                root, checkpoint_prefix, dataset, cfg.to_dict(), f"{run_prefix}/sweep"
+            )
     with clock.step("compare"):
         decision = steps.compare_promote(target.tracking_uri, model, evaluation)
     comparison = tracking.report_rows(tracking.comparison_table(target.tracking_uri, model.name))
@@ -163,6 +170,8 @@ def evaluate_chain(
                 safety=safety, metrics=evaluation.metrics, history=history,
                 comparison=comparison, promotion=decision,
                 inpainting_prefix=None if inpainting is None else inpainting.prefix,
+                notes=[sweep.note] if sweep else [],
+                sweep=sweep.rows if sweep else [],
             ),
         )  # fmt: skip
     tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)
@@ -185,6 +194,16 @@ def evaluate_chain(
         "promotion": decision,
         "inpainting": [] if inpainting is None else inpainting.rows,
         **({"watermark": mark.summary()} if mark is not None else {}),
+        **({"sweep": sweep_summary(root, sweep)} if sweep else {}),
+    }
+
+
+def sweep_summary(root: str, sweep: stages.SweepRef) -> dict[str, Any]:
+    return {
+        "rows": sweep.rows,
+        "note": sweep.note,
+        "match": sweep.match,
+        "table_uri": ArtefactStore(root).url(sweep.prefix, "sweep.csv"),
     }
 
 
@@ -312,8 +331,12 @@ def nightly(
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``."""
+def evaluate_model(
+    model_uri: str, tracking_uri: str | None = None, evaluation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``;
+    ``evaluation`` (an ``evaluation:`` config section, e.g. with a ``sweep``) replaces the one
+    saved with the checkpoint."""
     t0 = time.perf_counter()
     uri = tracking.tracking_uri(tracking_uri)
     version = tracking.resolve_version(uri, model_uri)
@@ -321,6 +344,8 @@ def evaluate_model(model_uri: str, tracking_uri: str | None = None) -> dict[str,
     dataset = stages.DatasetRef(**json.loads(version.tags["diffpipe.dataset"]))
     checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
     cfg = stages.checkpoint_config(ArtefactStore(root), checkpoint_prefix)
+    if evaluation is not None:
+        cfg = parse_config({**cfg.to_dict(), "evaluation": evaluation}, source="evaluation")
     target = Target(root, uri, str(diffpipe_home() / "work"))
     model = tracking.ModelRef(version.name, str(version.version), list(version.aliases), model_uri)
     clock = StepClock()

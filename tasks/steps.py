@@ -21,6 +21,7 @@ from prefect.states import State
 from diffusion_core import compare, stages
 from diffusion_core.config import (
     DataConfig,
+    EvaluationConfig,
     InpaintEvalConfig,
     RunConfig,
     SafetyConfig,
@@ -177,6 +178,7 @@ def evaluate(
     dataset: stages.DatasetRef,
     sample_config: dict[str, Any],
     out_key: str,
+    evaluation_config: dict[str, Any] | None = None,
 ) -> stages.Evaluation:
     return stages.evaluate_samples(
         ArtefactStore(artefact_root),
@@ -184,6 +186,25 @@ def evaluate(
         dataset,
         sample=SampleConfig.model_validate(sample_config),
         out_key=out_key,
+        evaluation=EvaluationConfig.model_validate(evaluation_config or {}),
+    )
+
+
+@task(name="sweep", cache_policy=NO_CACHE, **io_retries)
+def sweep(
+    artefact_root: str,
+    checkpoint_prefix: str,
+    dataset: stages.DatasetRef,
+    config: dict[str, Any],
+    out_prefix: str,
+) -> stages.SweepRef:
+    """Quality against sampling cost over the config's ``evaluation.sweep``."""
+    return stages.sweep_samplers(
+        ArtefactStore(artefact_root),
+        checkpoint_prefix,
+        dataset,
+        RunConfig.model_validate(config),
+        out_prefix=out_prefix,
     )
 
 

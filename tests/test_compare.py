@@ -12,12 +12,17 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from diffusion_core.compare import RECORD_KEYS, decide
+from diffusion_core.compare import RECORD_KEYS, decide, record_mismatch
 from flows.cli import main
 from tasks import tracking
 
 RECORD: dict[str, Any] = {
-    "extractor": "domain-cnn",
+    "engine": "torch-fidelity 0.4.0",
+    "num_reference": 297,
+    "nfe": 25,
+    "spacing": "leading",
+    "eta": 0.0,
+    "extractor": "domain",
     "extractor_sha256": "ab" * 32,
     "reference_sha256": "cd" * 32,
     "reference_split": "holdout",
@@ -61,12 +66,14 @@ def test_mismatched_records_are_not_compared() -> None:
     # far better FID, but with another sampler and step count: not the same number
     decision = decide(evaluation(1.0, sampler="ddpm", steps=1000), evaluation(10.0))
     assert not decision.promote
-    assert decision.reason == "not comparable: metric records differ in sampler, steps"
+    assert decision.reason == (
+        "not comparable: metric records differ in sampler: 'ddpm' vs 'ddim'; steps: 1000 vs 25"
+    )
     # a key missing on one side is a difference too; keys outside the record list are not
     record = {k: v for k, v in RECORD.items() if k != "extractor_sha256"}
     missing = decide({"metrics": evaluation(1.0)["metrics"], "record": record}, evaluation(10.0))
-    assert not missing.promote and missing.reason.endswith("differ in extractor_sha256")
-    assert decide(evaluation(1.0, seed=7, reference_split="x"), evaluation(10.0)).promote
+    assert not missing.promote and "differ in extractor_sha256: None vs 'abab" in missing.reason
+    assert decide(evaluation(1.0, seed=7, note="x"), evaluation(10.0)).promote
     assert set(RECORD_KEYS) <= set(RECORD)
 
 
@@ -125,7 +132,9 @@ def test_comparison_table_decisions(registry: str) -> None:
         "champion", "promote", "keep champion", "keep champion", "not evaluated",
     ]  # fmt: skip
     assert "tie" in table["reason"][2]
-    assert table["reason"][3] == "not comparable: metric records differ in sampler"
+    assert table["reason"][3] == (
+        "not comparable: metric records differ in sampler: 'ddpm' vs 'ddim'"
+    )
     # metric records and metrics from the versions, run details from mlflow.search_runs
     assert list(table["metrics.fid"][:4]) == [10.0, 5.0, 9.5, 2.0]
     assert pd.isna(table["metrics.fid"][4])
@@ -154,7 +163,10 @@ def test_unevaluated_champion_is_not_comparable(tmp_path: Path) -> None:
     c.set_registered_model_alias("m", "champion", "1")
     table = tracking.comparison_table(uri, "m")
     assert list(table["decision"]) == ["champion", "keep champion"]
-    assert table["reason"][1].startswith("not comparable: metric records differ in extractor,")
+    assert table["reason"][1].startswith(
+        "not comparable: metric records differ in engine: 'torch-fidelity 0.4.0' vs None; "
+        "extractor: 'domain' vs None;"
+    )
     assert table["run_name"].isna().all()  # versions without a source run
 
 
@@ -195,3 +207,18 @@ def test_cli_compare_bad_input_exits_2(
     assert main(["compare", "--model", "digits", "--columns", "version,bogus"]) == 2
     err = capsys.readouterr().err
     assert "--columns: no column 'bogus'" in err and "decision" in err
+
+
+def test_refusal_names_each_differing_key_with_both_values() -> None:
+    for key in RECORD_KEYS:
+        other = {**RECORD, key: "something else"}
+        assert record_mismatch(RECORD, other) == [key]
+    d = decide(evaluation(0.1, 0.01, extractor="inception-v3-compat", nfe=10), evaluation(9.0, 1))
+    assert not d.promote
+    assert "extractor: 'inception-v3-compat' vs 'domain'" in d.reason
+    assert "nfe: 10 vs 25" in d.reason
+    # An old record without the new keys is not comparable either.
+    old = {k: v for k, v in RECORD.items() if k not in ("engine", "nfe")}
+    assert record_mismatch(RECORD, old) == ["engine", "nfe"]
+    # Seeds are recorded but do not block a comparison: the intervals carry sampling noise.
+    assert decide(evaluation(1.0, 0.1, seed=7), evaluation(2.0, 0.1)).promote

@@ -306,3 +306,45 @@ def test_run_rejects_unknown_key_before_starting(tmp_path, capsys):
     assert main(["run", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "pipeline.shard" in err and "shards" in err
+
+
+def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
+    """evaluate_model with a sweep: one row per setting with measured NFE, a table in the store,
+    the cheapest setting that reaches the DDPM reference, and the sweep in the report."""
+    from diffusion_core.storage import ArtefactStore, default_root
+    from flows.pipeline import evaluate_model
+
+    config = write_config(tmp_path / "sweep.yaml")
+    trained = run_nightly(config, overrides={"name": "tiny-sweep"}, evaluate=False).result()
+    sweep = [{"sampler": "ddpm", "steps": 20}, {"sampler": "ddim", "steps": 4},
+             {"sampler": "dpmpp_2m", "steps": 3}]  # fmt: skip
+    summary = evaluate_model(
+        f"models:/tiny-sweep/{trained['model']['version']}",
+        evaluation={"sweep": sweep, "sweep_num_samples": 24, "interval_draws": 10},
+    )
+    rows = summary["sweep"]["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
+        ("ddpm", 20, 20), ("ddim", 4, 4), ("dpmpp_2m", 3, 3)
+    ]  # fmt: skip
+    for r in rows:
+        assert r["fid_low"] < r["fid"] < r["fid_high"] and r["wall_seconds"] > 0
+        assert r["num_samples"] == 24 and r["guidance_scale"] == 1.5
+    note = summary["sweep"]["note"]
+    assert " reaches ddpm-20 quality with " in note or note.startswith("No setting reaches ddpm-20")
+    # The table in the store, committed with its JSON twin.
+    store = ArtefactStore(default_root())
+    prefix = summary["sweep"]["table_uri"].removeprefix(store.root + "/").removesuffix("/sweep.csv")
+    assert prefix == f"evaluations/{summary['run_id']}/sweep"
+    csv_lines = store.get_bytes(f"{prefix}/sweep.csv").decode().splitlines()
+    assert csv_lines[0].startswith("sampler,steps,nfe,wall_seconds,fid,fid_low,fid_high")
+    assert len(csv_lines) == 4
+    saved = store.read_json(f"{prefix}/sweep.json")
+    assert saved["reference"]["sampler"] == "ddpm" and saved["record"]["safety_filter"] is False
+    # The main evaluation's record, and the sweep in the report.
+    record = summary["record"]
+    assert record["engine"].startswith("torch-fidelity") and record["extractor"] == "domain"
+    assert record["nfe"] == 4 and len(record["extractor_sha256"]) == 64
+    report = Path(summary["report_uri"].removeprefix("file://"))
+    html = report.read_text()
+    assert "Quality against cost" in html and note.split(" (")[0] in html
+    assert (report.parent / "img" / "sweep_nfe.png").is_file()

@@ -1,0 +1,134 @@
+"""The quickstart model judged as the pipeline judges it: torch-fidelity on the domain classifier.
+
+Loads a trained quickstart checkpoint (no training), trains the dataset's domain classifier as the
+pipeline does (``train_classifier`` defaults), and prints
+
+- at the checkpoint's sampling setting (DDIM 25, guidance 1.5): FID against the 297 holdout
+  digits with its half-sample interval, the real-vs-real floor (two disjoint holdout halves) beside
+  the generated half at the same count and their ratio (goal: within 2x), KID, precision/recall,
+  and conditional accuracy beside the judge's own holdout accuracy (goal: within 0.01);
+- with ``--sweep``: FID (with interval), NFE and wall time per sampler setting, the reference
+  (DDPM with the most steps, else the most NFE) and the cheapest setting whose FID is within the
+  reference's interval, and the cheapest DPM-Solver++ setting that does so (goal: <= 20 NFE).
+
+    python bench/quickstart_eval.py --checkpoint DIR [--num 1000] [--sweep [SAMPLER:STEPS ...]]
+        [--sweep-num 200] [--judge DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from diffusion_core import fidelity
+from diffusion_core.classifier import load_classifier, save_classifier, train_classifier
+from diffusion_core.config import SweepSetting, load_config
+from diffusion_core.data import load_dataset, split_dataset
+from diffusion_core.sampling import generate
+from diffusion_core.sweep import fewest_nfe_match, run_sweep
+from diffusion_core.training import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_SWEEP = [
+    "ddpm:1000", "ddim:10", "ddim:20", "ddim:50", "ddim:100",
+    "dpmpp_2m:5", "dpmpp_2m:10", "dpmpp_2m:15", "dpmpp_2m:20",
+]  # fmt: skip
+
+
+def setting(text: str) -> SweepSetting:
+    sampler, _, steps = text.partition(":")
+    return SweepSetting.model_validate({"sampler": sampler, "steps": steps})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    p.add_argument("--checkpoint", required=True, help="a trained quickstart checkpoint dir")
+    p.add_argument("--num", type=int, default=1000, help="samples at the quickstart setting")
+    p.add_argument("--sweep", nargs="*", metavar="SAMPLER:STEPS", help=f"default: {FULL_SWEEP}")
+    p.add_argument("--sweep-num", type=int, default=200, help="samples per sweep setting")
+    p.add_argument("--draws", type=int, default=100, help="half-sample draws per interval")
+    p.add_argument("--judge", help="classifier dir: reused when it exists, else trained into it")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+
+    cfg = load_config(args.config)
+    train_set, holdout = split_dataset(
+        load_dataset(cfg.data), holdout_fraction=cfg.data.holdout_fraction, seed=cfg.data.split_seed
+    )
+    judge_dir = Path(args.judge or tempfile.mkdtemp(prefix="judge-"))
+    t0 = time.perf_counter()
+    if (judge_dir / "meta.json").is_file():
+        judge = load_classifier(judge_dir)
+    else:
+        judge = train_classifier(train_set, holdout)
+        save_classifier(judge, judge_dir)
+    print(
+        f"judge: holdout accuracy {judge.holdout_accuracy:.4f} ({time.perf_counter() - t0:.0f} s)"
+    )
+    extractor = fidelity.Extractor(
+        fidelity.DOMAIN, judge_dir, fidelity.file_sha256(judge_dir / "weights.safetensors")
+    )
+    score = partial(fidelity.score, reference=holdout.images, extractor=extractor, draws=args.draws)
+    net, spec = load_model(args.checkpoint)
+    sc = spec.config.sample
+    out: dict[str, Any] = {"judge_holdout_accuracy": judge.holdout_accuracy}
+
+    # The quickstart setting.
+    t0 = time.perf_counter()
+    samples = generate(net, spec, sc, num_samples=args.num)
+    seconds = time.perf_counter() - t0
+    m = score(samples.images)
+    assert samples.labels is not None
+    accuracy = judge.accuracy(samples.images, samples.labels)
+    m |= {"conditional_accuracy": accuracy, "accuracy_gap": judge.holdout_accuracy - accuracy}
+    out["main"] = {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale,
+                   "num_samples": args.num, "sample_seconds": seconds, **m}  # fmt: skip
+    print(
+        f"{sc.sampler} {sc.steps} steps, guidance {sc.guidance_scale}, {args.num} samples "
+        f"({seconds:.0f} s) vs {len(holdout)} holdout digits:\n"
+        f"  FID {m['fid']:.3f} [{m['fid_low']:.3f}, {m['fid_high']:.3f}]\n"
+        f"  FID at n={m['num_half']:.0f}: generated {m['fid_half']:.3f}, floor (holdout half vs "
+        f"half) {m['fid_floor_half']:.3f}, ratio {m['fid_half_over_floor']:.2f} (goal <= 2)\n"
+        f"  KID {m['kid']:.4f} [{m['kid_low']:.4f}, {m['kid_high']:.4f}], floor "
+        f"{m['kid_floor_half']:.4f}\n"
+        f"  precision {m['precision']:.3f} recall {m['recall']:.3f} (floor "
+        f"{m['precision_floor_half']:.3f} / {m['recall_floor_half']:.3f}), "
+        f"IS {m['inception_score']:.3f}\n"
+        f"  conditional accuracy {accuracy:.4f} vs judge on real {judge.holdout_accuracy:.4f} "
+        f"(gap {m['accuracy_gap']:+.4f}, goal <= 0.01)",
+        flush=True,
+    )
+
+    # The sweep.
+    if args.sweep is not None:
+        settings = tuple(setting(s) for s in (args.sweep or FULL_SWEEP))
+        rows = []
+        for s in settings:  # one at a time, so that progress shows
+            rows += run_sweep(net, spec, sc, (s,), num_samples=args.sweep_num, judge=score)
+            r = rows[-1]
+            print(
+                f"  {r['sampler']:>8} {r['steps']:>4} steps: NFE {r['nfe']:g}, "
+                f"{r['wall_seconds']:.1f} s, FID {r['fid']:.3f} [{r['fid_low']:.3f}, "
+                f"{r['fid_high']:.3f}]",
+                flush=True,
+            )
+        best = fewest_nfe_match(rows)
+        ref = best["reference"]
+        dpm = [r for r in rows if r["sampler"] == "dpmpp_2m" and r["fid"] <= ref["fid_high"]]
+        dpm_nfe = min((r["nfe"] for r in dpm), default=None)
+        out["sweep"] = {"num_samples": args.sweep_num, "rows": rows, **best,
+                        "dpmpp_2m_match_nfe": dpm_nfe}  # fmt: skip
+        print(best["note"])
+        print(f"DPM-Solver++(2M) reaches it at {dpm_nfe} NFE (goal <= 20)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
