@@ -64,7 +64,11 @@ def criterion_rates(result: DetectorResult, part: slice) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", default="/work/wt/assets/quickstart-checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a quickstart checkpoint folder (the checkpoint/ of a make run)",
+    )
     p.add_argument("--num", type=int, default=1000, help="samples to draw")
     p.add_argument("--slipped", type=int, default=300, help="training images slipped in")
     p.add_argument("--clip-images", type=int, default=128, help="images for ViT-B-32 timing")
