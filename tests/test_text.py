@@ -242,6 +242,30 @@ def test_a_class_conditional_config_cannot_have_text() -> None:
         parse_config(raw)
 
 
+def test_pipeline_sample_step_cycles_prompts_across_shards(text_checkpoint, tmp_path) -> None:
+    from diffusion_core.stages import sample_shard
+    from diffusion_core.storage import ArtefactStore
+
+    store = ArtefactStore(f"file://{tmp_path / 'store'}")
+    store.put_dir("run/checkpoint", text_checkpoint)
+    _, spec = load_model(text_checkpoint)
+    sc = spec.config.sample.model_copy(update={"prompts": ("p0", "p1", "p2")})
+    prompts = []
+    for shard in (0, 1):
+        ref = sample_shard(
+            store,
+            "run/checkpoint",
+            sc,
+            out_prefix="run/samples",
+            shard=shard,
+            shard_size=2,
+            total=4,
+        )
+        lines = store.get_bytes(f"{ref.prefix}/metadata.jsonl").decode().splitlines()
+        prompts += [json.loads(line)["prompt"] for line in lines]
+    assert prompts == ["p0", "p1", "p2", "p0"]  # sample i gets prompt i % 3, whatever the shard
+
+
 # ----------------------------------------------------------------------------- CLI and pyfunc
 
 
@@ -263,6 +287,7 @@ def test_cli_samples_prompts_and_refuses_labels(text_checkpoint, tmp_path: Path)
     assert main([*args, "--prompts-file", missing, "--out", str(grid)]) == EXIT_BAD_INPUT
 
 
+@pytest.mark.slow
 def test_cli_refuses_prompts_for_a_class_conditional_model(tmp_path, tiny_config_dict) -> None:
     from flows.cli import EXIT_BAD_INPUT, main
 
@@ -272,6 +297,7 @@ def test_cli_refuses_prompts_for_a_class_conditional_model(tmp_path, tiny_config
     assert main([*args, "--prompt", "a seven", "--out", str(tmp_path / "s")]) == EXIT_BAD_INPUT
 
 
+@pytest.mark.slow
 def test_pyfunc_takes_prompts(text_checkpoint, tmp_path: Path) -> None:
     import mlflow
     import pandas as pd
