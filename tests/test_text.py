@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.clip import ClipModel, load_clip
+from diffusion_core.clip import ClipError, ClipModel, load_clip
 from diffusion_core.config import DataConfig, SampleConfig, TextConfig, parse_config
 from diffusion_core.data import load_dataset, load_folder
 from diffusion_core.guidance import ClassifierFreeGuidance
@@ -26,6 +26,7 @@ from diffusion_core.text import (
     TextEncoderMismatch,
     cycle_prompts,
     load_text_encoder,
+    resolve_context_dim,
     state_fingerprint,
     text_cond,
 )
@@ -110,6 +111,9 @@ def test_prompt_states_feed_the_unet_and_change_its_output(clip: ClipModel) -> N
     assert out.shape == (2, 3, 8, 8)
     assert torch.equal(out, again)  # the same prompt, the same output
     assert (out[0] - out[1]).abs().max() > 1e-3  # another prompt, another output
+    assert resolve_context_dim(None, clip, TextConfig(model=TINY_CLIP)) == 64
+    with pytest.raises(ClipError, match="leave model\\.context_dim unset"):
+        resolve_context_dim(32, clip, TextConfig(model=TINY_CLIP))
     unpooled = text_cond(clip, PROMPTS, use_pooled=False)
     assert unpooled.pooled is not None and not unpooled.pooled.any()
     # random weights come from text.seed: the same seed, the same encoder
