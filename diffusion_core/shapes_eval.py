@@ -1,8 +1,10 @@
 """An analytic detector for the captioned ``shapes`` set: does a sample show what its prompt says?
 
 From pixel statistics alone, no learned weights:
-- colour: every pixel goes to its nearest colour among the palette and the background; the
-  dominant palette colour is the shape's colour (pixels nearer the background are background);
+- colour: a pixel takes a palette colour when it lies within half the smallest distance between
+  two colours of the palette and background (so it is unambiguously that colour); the most
+  frequent palette colour is the shape's colour. Pixels near no colour (noise, tinted
+  background) count for nothing;
 - position: the grid cell (3 x 3) holding the centroid of the dominant colour's pixels;
 - shape: the fill ratio of those pixels' bounding box (square ~1, circle ~pi/4, triangle ~1/2)
   and their vertical asymmetry (an upward triangle has its mass low), matched to the nearest of
@@ -82,7 +84,7 @@ def _templates(size: int) -> tuple[np.ndarray, list[str]]:
 
 def detect(images: Tensor) -> list[ShapeAttributes | None]:
     """The shape, colour and grid cell in each uint8 RGB image (N, 3, H, W); None where no pixel
-    is nearer a palette colour than the background."""
+    is unambiguously a palette colour."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"shapes detector needs uint8 RGB images (N, 3, H, W), got {images.dtype} "
@@ -92,9 +94,12 @@ def detect(images: Tensor) -> list[ShapeAttributes | None]:
     templates, template_names = _templates(int(size_h))
     colour_names = list(SHAPE_COLOURS)
     palette = torch.tensor([SHAPE_BACKGROUND, *SHAPE_COLOURS.values()], dtype=torch.float32)
+    gaps = torch.cdist(palette, palette) + torch.eye(len(palette)) * 1e9
+    radius = float(gaps.min()) / 2
     pixels = images.float().permute(0, 2, 3, 1)  # (N, H, W, 3)
-    nearest = torch.cdist(pixels.reshape(-1, 3), palette).argmin(dim=1)
-    per_pixel = nearest.view(pixels.shape[:3]).numpy()  # (N, H, W): 0 background, k colour k-1
+    distance, nearest = torch.cdist(pixels.reshape(-1, 3), palette).min(dim=1)
+    nearest[distance > radius] = 0  # near no colour: not part of the shape
+    per_pixel = nearest.view(pixels.shape[:3]).numpy()  # (N, H, W): 0 none, k colour k-1
     out: list[ShapeAttributes | None] = []
     for labels in per_pixel:
         counts = np.bincount(labels.ravel(), minlength=len(palette))[1:]
