@@ -291,7 +291,6 @@ def test_cli_samples_prompts_and_refuses_labels(text_checkpoint, tmp_path: Path)
     assert main([*args, "--prompts-file", missing, "--out", str(grid)]) == EXIT_BAD_INPUT
 
 
-@pytest.mark.slow
 def test_cli_refuses_prompts_for_a_class_conditional_model(tmp_path, tiny_config_dict) -> None:
     from flows.cli import EXIT_BAD_INPUT, main
 
@@ -301,7 +300,6 @@ def test_cli_refuses_prompts_for_a_class_conditional_model(tmp_path, tiny_config
     assert main([*args, "--prompt", "a seven", "--out", str(tmp_path / "s")]) == EXIT_BAD_INPUT
 
 
-@pytest.mark.slow
 def test_pyfunc_takes_prompts(text_checkpoint, tmp_path: Path) -> None:
     import mlflow
     import pandas as pd
