@@ -93,6 +93,25 @@ class SampleConfig(StrictModel):
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = 0
+    prompts: tuple[str, ...] = ()  # text-conditioned models: samples cycle through these
+
+
+class TextConfig(StrictModel):
+    """Text conditioning on a frozen open_clip text encoder (see ``diffusion_core.clip``).
+
+    ``model``: a built-in open_clip name, a JSON model config file or ``local-dir:/path``.
+    ``pretrained``: a local weights file or fsspec URL (checked against ``sha256`` when given),
+    an open_clip hub tag (fetched only with ``download: true``), or None for random weights drawn
+    from ``seed`` (offline runs: distinct, fixed embeddings per prompt).
+    """
+
+    model: str
+    pretrained: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    download: bool = False
+    seed: int = 0  # initialises random weights when pretrained is None
+    use_pooled: bool = True  # the pooled prompt embedding is added to the time embedding
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)  # captions replaced by "" in training
 
 
 MaskKind = Literal["centre", "strokes", "half"]
@@ -228,6 +247,13 @@ class RunConfig(StrictModel):
     pipeline: PipelineConfig = PipelineConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     safety: SafetyConfig = SafetyConfig()
+    text: TextConfig | None = None
+
+    @model_validator(mode="after")
+    def _text_or_classes(self) -> RunConfig:
+        if self.text is not None and self.model.class_conditional:
+            raise ValueError("text conditioning needs model.class_conditional: false")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -468,32 +468,35 @@ def load_cifar10(cfg: DataConfig) -> ImageDataset:
 # ----------------------------------------------------------------------------- shapes
 
 SHAPE_NAMES = ("square", "circle", "triangle")
-SHAPE_POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) as fractions of the side
-    "top left": (0.25, 0.25),
-    "top right": (0.75, 0.25),
-    "bottom left": (0.25, 0.75),
-    "bottom right": (0.75, 0.75),
-    "center": (0.5, 0.5),
+# A 3 x 3 grid of cell centres, (x, y) as fractions of the side, in reading order.
+SHAPE_POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (1 / 6, 1 / 6),
+    "top": (1 / 2, 1 / 6),
+    "top right": (5 / 6, 1 / 6),
+    "left": (1 / 6, 1 / 2),
+    "center": (1 / 2, 1 / 2),
+    "right": (5 / 6, 1 / 2),
+    "bottom left": (1 / 6, 5 / 6),
+    "bottom": (1 / 2, 5 / 6),
+    "bottom right": (5 / 6, 5 / 6),
 }
-SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
+SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {  # far apart in RGB, all far from the background
     "red": (230, 40, 40),
     "green": (40, 200, 60),
     "blue": (50, 90, 240),
     "yellow": (240, 220, 40),
-    "cyan": (40, 220, 230),
     "magenta": (220, 50, 220),
-    "orange": (250, 140, 20),
-    "white": (245, 245, 245),
 }
-_SHAPE_BACKGROUND = (16, 16, 24)
+SHAPE_RADIUS = 0.16  # half the extent of a shape, as a fraction of the side (cells are 1/3)
+SHAPE_BACKGROUND = (16, 16, 24)
 
 
-def _shape_mask(shape: str, centre: tuple[float, float], size: int) -> np.ndarray:
+def shape_mask(shape: str, centre: tuple[float, float], size: int) -> np.ndarray:
     """Boolean (size, size) mask of ``shape`` centred at ``centre`` (fractions of the side)."""
     coords = np.arange(size, dtype=np.float64) + 0.5
     ys, xs = np.meshgrid(coords, coords, indexing="ij")
     cx, cy = centre[0] * size, centre[1] * size
-    r = max(0.2 * size, 0.75)
+    r = max(SHAPE_RADIUS * size, 0.75)
     dx, dy = xs - cx, ys - cy
     if shape == "square":
         return (np.abs(dx) <= r) & (np.abs(dy) <= r)
@@ -503,16 +506,26 @@ def _shape_mask(shape: str, centre: tuple[float, float], size: int) -> np.ndarra
     return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
 
 
-def _shape_caption(shape: str, position: str, colour: str | None) -> str:
-    """E.g. "a red square at the top left"; greyscale sets leave the colour out."""
+def shape_caption(shape: str, position: str, colour: str | None) -> str:
+    """E.g. "a red square at the top left", "a blue circle on the right", "a green triangle in
+    the center"; greyscale sets leave the colour out."""
     noun = shape if colour is None else f"{colour} {shape}"
     article = "an" if noun[0] in "aeiou" else "a"
-    where = "in the center" if position == "center" else f"at the {position}"
+    if position == "center":
+        where = "in the center"
+    elif position in ("left", "right"):
+        where = f"on the {position}"
+    else:
+        where = f"at the {position}"
     return f"{article} {noun} {where}"
 
 
 def load_shapes(cfg: DataConfig) -> ImageDataset:
-    """Synthetic, offline: one coloured shape on a dark background per image, seeded."""
+    """Synthetic, offline: one coloured shape on a dark background per image, seeded.
+
+    3 shapes x 5 colours x 9 cells of a 3 x 3 grid, drawn uniformly; the caption names all three
+    ("a red square at the top left"), and ``diffusion_core.shapes_eval`` reads them back.
+    """
     rng = np.random.RandomState(cfg.split_seed)
     n, size = cfg.num_samples, cfg.image_size
     positions, colours = list(SHAPE_POSITIONS), list(SHAPE_COLOURS)
@@ -521,17 +534,17 @@ def load_shapes(cfg: DataConfig) -> ImageDataset:
     colour_idx = rng.randint(len(colours), size=n)
 
     masks = {
-        (s, p): _shape_mask(SHAPE_NAMES[s], SHAPE_POSITIONS[positions[p]], size)
+        (s, p): shape_mask(SHAPE_NAMES[s], SHAPE_POSITIONS[positions[p]], size)
         for s in range(len(SHAPE_NAMES))
         for p in range(len(positions))
     }
     images = np.empty((n, size, size, 3), dtype=np.uint8)
-    images[:] = _SHAPE_BACKGROUND
+    images[:] = SHAPE_BACKGROUND
     for i in range(n):
         images[i][masks[shape_idx[i], position_idx[i]]] = SHAPE_COLOURS[colours[colour_idx[i]]]
     grey = cfg.channels == 1
     captions = [
-        _shape_caption(SHAPE_NAMES[s], positions[p], None if grey else colours[c])
+        shape_caption(SHAPE_NAMES[s], positions[p], None if grey else colours[c])
         for s, p, c in zip(shape_idx, position_idx, colour_idx, strict=True)
     ]
     rgb = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

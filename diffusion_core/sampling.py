@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from diffusion_core.clip import ClipModel
 from diffusion_core.config import SampleConfig
 from diffusion_core.guidance import ClassifierFreeGuidance, inpaint
 from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser, DenoiserFn
 from diffusion_core.samplers import run_sampler
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
+from diffusion_core.text import (
+    NULL_PROMPT,
+    check_encoder,
+    cycle_prompts,
+    load_text_encoder,
+    text_cond,
+)
 from diffusion_core.training import ModelSpec
 
 
@@ -21,6 +31,7 @@ class Samples:
     labels: Tensor | None  # (N,) long, the requested classes
     seeds: Tensor  # (N,) long: sample i's initial noise is drawn from seed[i]
     nfe: int  # network evaluations per sample (guided batches count once)
+    prompts: list[str] | None = None  # text-conditioned models: sample i's prompt
 
 
 def to_uint8(x: Tensor) -> Tensor:
@@ -58,6 +69,68 @@ def _denoiser(
     return ClassifierFreeGuidance(base, cond, null, sc.guidance_scale)
 
 
+def _text_denoiser(
+    net: nn.Module, spec: ModelSpec, sc: SampleConfig, encoder: ClipModel, prompts: list[str]
+) -> DenoiserFn:
+    """Prompt-conditioned denoiser; guidance takes the empty prompt as the unconditional branch."""
+    schedule = NoiseSchedule.from_name(
+        spec.config.diffusion.schedule, spec.config.diffusion.num_steps
+    )
+    base = Denoiser(
+        net, schedule, PREDICTIONS[spec.config.diffusion.prediction], clip_x0=sc.clip_x0
+    )
+    assert spec.config.text is not None
+    use_pooled = spec.config.text.use_pooled
+    device = next(net.parameters()).device
+    cond = text_cond(encoder, prompts, use_pooled=use_pooled)
+    cond = Cond(context=_to(cond.context, device), pooled=_to(cond.pooled, device))
+    if sc.guidance_scale == 1.0:
+        return base.with_cond(cond)
+    null = text_cond(encoder, [NULL_PROMPT] * len(prompts), use_pooled=use_pooled)
+    null = Cond(context=_to(null.context, device), pooled=_to(null.pooled, device))
+    return ClassifierFreeGuidance(base, cond, null, sc.guidance_scale)
+
+
+def _to(x: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if x is None else x.to(device)
+
+
+_ENCODERS: dict[str, ClipModel] = {}
+
+
+def spec_text_encoder(spec: ModelSpec) -> ClipModel:
+    """The text encoder a checkpoint was trained with, rebuilt from its config and checked
+    against its record (:class:`diffusion_core.text.TextEncoderMismatch` otherwise); kept per
+    process, so repeated sampling encodes each prompt once."""
+    if spec.config.text is None or spec.text_encoder is None:
+        raise ValueError("this model is not text-conditioned; do not pass prompts")
+    key = json.dumps([spec.config.text.model_dump(), spec.text_encoder], sort_keys=True)
+    if key not in _ENCODERS:
+        clip = load_text_encoder(
+            spec.config.text, model_config=spec.text_encoder.get("model_config")
+        )
+        check_encoder(clip, spec.text_encoder)
+        _ENCODERS[key] = clip
+    return _ENCODERS[key]
+
+
+def validate_prompts(spec: ModelSpec, labels: Tensor | None, prompts: Sequence[str]) -> None:
+    """Prompts only for text-conditioned models, class labels only for the others."""
+    if spec.text_encoder is None:
+        if prompts:
+            raise ValueError("this model is not text-conditioned; do not pass prompts")
+        return
+    if labels is not None:
+        raise ValueError("this model is text-conditioned; pass prompts, not class labels")
+    if not prompts:
+        raise ValueError(
+            "this model is text-conditioned: give prompts (sample.prompts or --prompt)"
+        )
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings, got {bad[0]!r}")
+
+
 def validate_labels(spec: ModelSpec, labels: Tensor | None) -> None:
     if labels is None:
         return
@@ -76,14 +149,24 @@ def generate(
     *,
     num_samples: int | None = None,
     labels: Tensor | None = None,
+    prompts: Sequence[str] | None = None,
+    encoder: ClipModel | None = None,
     device: torch.device | None = None,
     offset: int = 0,
 ) -> Samples:
     """Draw ``num_samples`` images (class-balanced for conditional models unless ``labels``).
 
     Sample i starts from the noise of seed ``sample.seed * 10**6 + offset + i``, so a run split
-    into shards (each with its ``offset``) gives the same images as one call.
+    into shards (each with its ``offset``) gives the same images as one call. Text-conditioned
+    models take ``prompts`` (default ``sample.prompts``); sample i gets prompt
+    ``(offset + i) % len(prompts)``. ``encoder`` defaults to the checkpoint's own.
     """
+    prompt_list = list(prompts if prompts is not None else sc.prompts)
+    if spec.text_encoder is None and prompts is None:
+        prompt_list = []  # a class-conditional model ignores sample.prompts
+    validate_prompts(spec, labels, prompt_list)
+    if prompt_list:
+        encoder = encoder or spec_text_encoder(spec)
     n = (
         num_samples
         if num_samples is not None
@@ -99,15 +182,21 @@ def generate(
     grid = timestep_grid(schedule.num_steps, sc.steps, spacing=sc.spacing)
     seeds = sc.seed * 1_000_000 + offset + torch.arange(n)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
+    per_sample = cycle_prompts(prompt_list, n, offset=offset) if prompt_list else None
     out = []
     for start in range(0, n, sc.batch_size):
         sl = slice(start, start + sc.batch_size)
         batch_labels = labels[sl].to(device) if labels is not None else None
         x_T = _initial_noise(seeds[sl], shape, device)
         gen = torch.Generator(device=device).manual_seed(int(seeds[sl][0]) + 7)
+        if per_sample is not None:
+            assert encoder is not None
+            denoiser = _text_denoiser(net, spec, sc, encoder, per_sample[sl])
+        else:
+            denoiser = _denoiser(net, spec, sc, batch_labels)
         x0 = run_sampler(
             sc.sampler,
-            _denoiser(net, spec, sc, batch_labels),
+            denoiser,
             x_T,
             grid,
             schedule,
@@ -116,7 +205,9 @@ def generate(
             variance=sc.variance,
         )
         out.append(to_uint8(x0).cpu())
-    return Samples(images=torch.cat(out), labels=labels, seeds=seeds, nfe=sc.steps)
+    return Samples(
+        images=torch.cat(out), labels=labels, seeds=seeds, nfe=sc.steps, prompts=per_sample
+    )
 
 
 @torch.no_grad()

@@ -221,7 +221,8 @@ def sample_shard(
     shard_size: int,
     total: int,
 ) -> ShardRef:
-    """Samples [shard * shard_size, ...) of a class-balanced run of ``total`` samples."""
+    """Samples [shard * shard_size, ...) of a class-balanced run of ``total`` samples; a
+    text-conditioned model's samples cycle through ``sc.prompts`` (kept in metadata.jsonl)."""
     with tempfile.TemporaryDirectory() as tmp:
         net, spec = load_model(fetch_checkpoint(store, checkpoint_prefix, Path(tmp) / "ckpt"))
     start, stop = shard * shard_size, min(total, (shard + 1) * shard_size)
@@ -240,7 +241,7 @@ def sample_shard(
         save_file(tensors, out / "images.safetensors")
         with open(out / "metadata.jsonl", "w") as f:
             for i in range(len(samples.images)):
-                record = {
+                record: dict[str, Any] = {
                     "id": start + i,
                     "seed": int(samples.seeds[i]),
                     "label": None if samples.labels is None else int(samples.labels[i]),
@@ -249,6 +250,8 @@ def sample_shard(
                     "nfe": samples.nfe,
                     "guidance_scale": sc.guidance_scale,
                 }
+                if samples.prompts is not None:
+                    record["prompt"] = samples.prompts[i]
                 f.write(json.dumps(record) + "\n")
         store.put_dir(prefix, out)
     return ShardRef(prefix, len(samples.images), seconds, samples.nfe)

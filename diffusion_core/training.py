@@ -30,6 +30,12 @@ from diffusion_core.data import ImageDataset
 from diffusion_core.losses import DiffusionLoss, draw_noise
 from diffusion_core.parameterization import PREDICTIONS, Cond, Prediction
 from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.text import (
+    PromptTable,
+    encoder_record,
+    load_text_encoder,
+    resolve_context_dim,
+)
 from diffusion_core.unet import UNet, build_unet
 
 log = logging.getLogger(__name__)
@@ -201,9 +207,10 @@ class ModelSpec:
     class_names: list[str]
     num_classes: int | None
     dataset_sha256: str
+    text_encoder: dict[str, Any] | None = None  # diffusion_core.text.encoder_record
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "config": self.config.to_dict(),
             "in_channels": self.in_channels,
             "image_size": self.image_size,
@@ -211,6 +218,9 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "dataset_sha256": self.dataset_sha256,
         }
+        if self.text_encoder is not None:
+            out["text_encoder"] = self.text_encoder
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -221,6 +231,7 @@ class ModelSpec:
             class_names=list(d["class_names"]),
             num_classes=d["num_classes"],
             dataset_sha256=str(d["dataset_sha256"]),
+            text_encoder=d.get("text_encoder"),
         )
 
     def build(self) -> UNet:
@@ -320,6 +331,34 @@ class TrainResult:
     images_per_second: float
 
 
+def _slice_cond(cond: Cond | None, part: slice) -> Cond | None:
+    """This rank's share of a global batch's conditioning."""
+    if cond is None:
+        return None
+
+    def cut(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[part]
+
+    return Cond(cut(cond.labels), cut(cond.context), cut(cond.pooled))
+
+
+def _prompt_table(
+    cfg: RunConfig, dataset: ImageDataset, device: torch.device
+) -> tuple[PromptTable, dict[str, Any], RunConfig]:
+    """The dataset's captions encoded once, the encoder's record and the config with
+    ``model.context_dim`` set to the encoder's width."""
+    tc = cfg.text
+    assert tc is not None
+    if dataset.captions is None:
+        raise ValueError(f"{dataset.source}: text conditioning (text:) needs captions")
+    clip = load_text_encoder(tc)
+    width = resolve_context_dim(cfg.model.context_dim, clip, tc)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"context_dim": width})})
+    table = PromptTable.build(clip, dataset.captions, use_pooled=tc.use_pooled)
+    log.info("encoded %d distinct captions with %s", len(table.tokens) - 1, clip.name)
+    return table.to(device), encoder_record(clip, tc), cfg
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -377,6 +416,11 @@ def train(
             f"dataset has {len(dataset)} images, fewer than train.batch_size={tc.batch_size}"
         )
 
+    # Encode every distinct caption once with the frozen text encoder.
+    prompt_table, text_record = None, None
+    if cfg.text is not None:
+        prompt_table, text_record, cfg = _prompt_table(cfg, dataset, device)
+
     # Build the network, optimizer and state.
     conditional = cfg.model.class_conditional and dataset.labels is not None
     spec = ModelSpec(
@@ -386,6 +430,7 @@ def train(
         class_names=list(dataset.class_names),
         num_classes=len(dataset.class_names) if conditional else None,
         dataset_sha256=dataset.sha256(),
+        text_encoder=text_record,
     )
     torch.manual_seed(tc.seed)
     net = spec.build().to(device)
@@ -477,10 +522,12 @@ def train(
             y = labels[idx].to(device)
             drop = torch.rand(y.shape, generator=gen, device=device) < tc.label_dropout
             cond = Cond(labels=torch.where(drop, torch.full_like(y, null_class), y))
+        if prompt_table is not None:
+            assert cfg.text is not None
+            rows = prompt_table.rows(idx, dropout=cfg.text.prompt_dropout, generator=gen)
+            cond = prompt_table.cond(rows)
         mine = slice(rank, None, world)
-        local_cond = (
-            Cond(labels=cond.labels[mine]) if cond is not None and cond.labels is not None else None
-        )
+        local_cond = _slice_cond(cond, mine)
         loss = step_fn(x0[mine], local_cond, t=t[mine], eps=eps[mine])
 
         # Log.

@@ -53,6 +53,19 @@ def _parse_labels(text: str | None) -> Any:
         raise UsageError(f"--labels expects comma-separated integers, got {text!r}") from None
 
 
+def _parse_prompts(args: argparse.Namespace) -> list[str] | None:
+    """``--prompt`` (repeatable) then the lines of ``--prompts-file``; None when neither."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts-file {path}: no such file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file {path}: no prompts in it")
+    return prompts or None
+
+
 def _sample_config(spec: Any, args: argparse.Namespace) -> Any:
     """The checkpoint's sampling config with the command line's choices on top."""
     updates = {
@@ -112,17 +125,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     net, spec = load_model(args.checkpoint)
     sc = _sample_config(spec, args)
     labels = _parse_labels(args.labels)
+    prompts = _parse_prompts(args)
     samples = generate(
-        net, spec, sc, num_samples=args.num if labels is None else None, labels=labels
+        net,
+        spec,
+        sc,
+        num_samples=args.num if labels is None else None,
+        labels=labels,
+        prompts=prompts,
     )
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         nrow = spec.num_classes if spec.num_classes and labels is None else None
+        if prompts is not None:  # one column per prompt
+            nrow = min(len(prompts), len(samples.images))
         save_grid(samples.images, out, nrow=nrow, scale=args.scale)
     else:
         out.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(samples.images):
             to_pil(img).save(out / f"{i:05d}.png")
+    if samples.prompts is not None:  # sample i's prompt on line i
+        listing = out / "prompts.txt" if out.suffix.lower() != ".png" else out.with_suffix(".txt")
+        listing.write_text("".join(f"{p}\n" for p in samples.prompts))
     print(
         f"{len(samples.images)} samples ({sc.sampler}, {sc.steps} steps, "
         f"guidance {sc.guidance_scale}) -> {out}"
@@ -523,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a checkpoint")
     _add_sampling_args(p)
     p.add_argument("--num", type=int, default=64, help="number of samples (class-balanced)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="text-conditioned models: a prompt (repeatable; samples cycle through them)",
+    )
+    p.add_argument("--prompts-file", help="text-conditioned models: one prompt a line")
     p.add_argument("--out", required=True, help="a .png grid, or a directory of PNG files")
     p.set_defaults(func=cmd_sample)
 

@@ -19,6 +19,10 @@ rest with RePaint; the known region of the result equals ``image`` exactly:
      "num_samples": k}
 
 ``num_samples`` asks for k completions of a single image; ``resample`` 1 is plain replacement.
+
+Text-conditioned models take prompts instead of labels, cycled over the samples (default: one
+sample per prompt): ``{"prompts": ["a red square at the top left"], "num_samples": 4}``, or a
+DataFrame with a ``prompt`` column (one prompt a row; other columns from its first row).
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import mlflow
 import numpy as np
 import torch
 
-PREDICT_KEYS = {"num_samples", "labels", "sampler", "steps", "guidance_scale", "seed", "eta"}
+PREDICT_KEYS = {
+    "num_samples",
+    "labels",
+    "prompts",
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "eta",
+}
 INPAINT_KEYS = {"image", "mask", "jump_length", "resample"}
 NOT_FOR_INPAINTING = {"sampler", "eta"}  # RePaint takes DDPM steps on the configured grid
 
@@ -38,7 +51,10 @@ def _as_request(model_input: Any) -> dict[str, Any]:
     """A dict, a one-row DataFrame or a list holding one dict."""
     if hasattr(model_input, "to_dict") and hasattr(model_input, "iloc"):  # pandas DataFrame
         records = model_input.to_dict(orient="records")
-        model_input = records[0] if records else {}
+        model_input = dict(records[0]) if records else {}
+        if "prompt" in model_input:  # one prompt a row
+            model_input["prompts"] = [str(r["prompt"]) for r in records]
+            del model_input["prompt"]
     if isinstance(model_input, list) and len(model_input) == 1:
         model_input = model_input[0]
     if not isinstance(model_input, dict):
@@ -71,10 +87,16 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
             return self._inpaint(request)
         labels = request.pop("labels", None)
         labels_t = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        n = int(request.pop("num_samples", len(labels) if labels is not None else 8))
+        prompts = request.pop("prompts", None)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompts is not None:
+            prompts = list(prompts)
+        given = labels if labels is not None else prompts
+        n = int(request.pop("num_samples", len(given) if given is not None else 8))
         sc = self.spec.config.sample.model_copy(update=request)
         sc = type(sc).model_validate(sc.model_dump())  # validate the requested values
-        samples = generate(self.net, self.spec, sc, num_samples=n, labels=labels_t)
+        samples = generate(self.net, self.spec, sc, num_samples=n, labels=labels_t, prompts=prompts)
         return samples.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
 
     def _inpaint(self, request: dict[str, Any]) -> np.ndarray:

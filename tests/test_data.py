@@ -20,6 +20,7 @@ from PIL import Image
 from diffusion_core.config import DataConfig, DatasetKind
 from diffusion_core.data import (
     DATASETS,
+    SHAPE_BACKGROUND,
     SHAPE_COLOURS,
     SHAPE_POSITIONS,
     DatasetError,
@@ -445,9 +446,9 @@ def test_shapes_captions_match_labels_colours_and_positions() -> None:
     for image, label, caption in zip(ds.images, ds.labels.tolist(), ds.captions, strict=True):
         shape = ds.class_names[label]
         colour = next(c for c in SHAPE_COLOURS if f" {c} " in f" {caption} ")
-        position = next(p for p in SHAPE_POSITIONS if caption.endswith(p))
+        position = next(p for p in SHAPE_POSITIONS if caption.endswith(f" the {p}"))
         assert f"{colour} {shape}" in caption
-        foreground = (image != image[:, :1, :1]).any(dim=0)
+        foreground = (image != torch.tensor(SHAPE_BACKGROUND).view(3, 1, 1)).any(dim=0)
         pixels = image[:, foreground]
         assert torch.equal(pixels, torch.tensor(SHAPE_COLOURS[colour]).view(3, 1).expand_as(pixels))
         ys, xs = torch.nonzero(foreground, as_tuple=True)
