@@ -7,7 +7,8 @@ orchestrator can pass on. Layout under the store's root:
     datasets/<key>/                 train-*.safetensors, holdout-*.safetensors, meta.json
     judges/<dataset sha256>/        the domain classifier (weights.safetensors, meta.json)
     <run>/checkpoint/               weights.safetensors, ema.safetensors, config.json, state.pt
-    <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
+    <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl,
+                                    volumes.npy (volume datasets: uint8 (N, C, D, H, W))
     <run>/safety/                   published.safetensors, quarantine.safetensors, audit.jsonl
     <run>/metrics.json
     <run>/report/                   index.html, img/*.png
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -48,6 +50,7 @@ from diffusion_core.safety import SafetyContext, build_detectors, filter_images
 from diffusion_core.sampling import balanced_labels, generate
 from diffusion_core.storage import ArtefactStore
 from diffusion_core.training import TrainResult, load_model, train
+from diffusion_core.volumes import max_projections, report_views, volume_metrics
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,8 @@ def sample_shard(
         if samples.labels is not None:
             tensors["labels"] = samples.labels
         save_file(tensors, out / "images.safetensors")
+        if samples.images.ndim == 5:  # volumes, also as plain numpy
+            np.save(out / "volumes.npy", samples.images.numpy())
         with open(out / "metadata.jsonl", "w") as f:
             for i in range(len(samples.images)):
                 record = {
@@ -277,10 +282,11 @@ def safety_filter(
     """Run the detector chain over every sample; publish what passes, quarantine the rest."""
     samples = read_shards(store, shard_prefixes)
     train_set = read_split(store, dataset, "train")
-    context = SafetyContext(
-        train_images=train_set.images, labels=samples.get("labels"), metadata={}
-    )
-    decision = filter_images(samples["images"], context, build_detectors(detectors, {}))
+    images, train_images = samples["images"], train_set.images
+    if images.ndim == 5:  # volumes: the 2-D detectors judge their maximum-intensity projections
+        images, train_images = max_projections(images), max_projections(train_images)
+    context = SafetyContext(train_images=train_images, labels=samples.get("labels"), metadata={})
+    decision = filter_images(images, context, build_detectors(detectors, {}))
     keep = decision.published
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -344,6 +350,9 @@ def evaluate_samples(
     images = published["images"]
     if len(images) < 2:
         raise ValueError(f"{safety_prefix}: {len(images)} published samples, too few to evaluate")
+    if images.ndim == 5:  # volumes: shape statistics and MMD (diffusion_core.volumes)
+        metrics = volume_metrics(images, published.get("labels"), holdout, clf)
+        return _write_evaluation(store, metrics, clf_sha, dataset, sample=sample, out_key=out_key)
     n = min(len(images), len(holdout))
     ref_feats = clf.features(holdout.images)
     gen_feats = clf.features(images[:n])
@@ -387,6 +396,31 @@ def evaluate_samples(
     return Evaluation(metrics, record)
 
 
+def _write_evaluation(
+    store: ArtefactStore,
+    metrics: dict[str, float],
+    extractor_sha: str,
+    dataset: DatasetRef,
+    *,
+    sample: SampleConfig,
+    out_key: str,
+) -> Evaluation:
+    """Store metrics with the record that says what they are comparable with."""
+    record = {
+        "extractor": "domain-cnn",
+        "extractor_sha256": extractor_sha,
+        "reference_sha256": dataset.sha256,
+        "reference_split": "holdout",
+        "num_samples": int(metrics["num_samples"]),
+        "sampler": sample.sampler,
+        "steps": sample.steps,
+        "guidance_scale": sample.guidance_scale,
+        "seed": sample.seed,
+    }
+    store.write_json(out_key, {"metrics": metrics, "record": record})
+    return Evaluation(metrics, record)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report.
 
@@ -415,9 +449,14 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
     cfg = RunConfig.model_validate(inputs.config)
     intervals = {
         name: (inputs.metrics[f"{name}_low"], inputs.metrics[f"{name}_high"])
-        for name in ("fid", "kid")
+        for name in ("fid", "kid", "mmd")
         if f"{name}_low" in inputs.metrics
     }
+    samples, figures = published["images"], []
+    real_images: Tensor | None = holdout.images[:6]
+    if samples.ndim == 5:  # volumes: the samples grid shows projections along z; more figures
+        figures = report_views(samples, published.get("labels"), holdout)
+        samples, real_images = samples.amax(dim=2), None
     data = ReportData(
         title=f"{inputs.model_name} v{inputs.model_version}",
         run_id=inputs.run_id,
@@ -427,10 +466,11 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         metrics={k: v for k, v in inputs.metrics.items() if not k.endswith(("_low", "_high"))},
         intervals=intervals,
         history=inputs.history,
-        samples=published["images"],
+        samples=samples,
         labels=published.get("labels"),
         class_names=inputs.dataset.class_names,
-        real_images=holdout.images[:6],
+        real_images=real_images,
+        figures=figures,
         schedule_name=cfg.diffusion.schedule,
         num_steps=cfg.diffusion.num_steps,
         safety={

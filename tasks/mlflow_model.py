@@ -9,7 +9,7 @@ Logged with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"weig
      "guidance_scale": 1.5, "seed": 0}
 
 Every key is optional (defaults: the model's own sampling config, class-balanced labels). The
-result is a uint8 array (N, H, W, C).
+result is a uint8 array (N, H, W, C), or (N, D, H, W, C) for a volume model.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         sc = self.spec.config.sample.model_copy(update=request)
         sc = type(sc).model_validate(sc.model_dump())  # validate the requested values
         samples = generate(self.net, self.spec, sc, num_samples=n, labels=labels_t)
-        return samples.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        return samples.images.movedim(1, -1).numpy()  # (N, H, W, C) or (N, D, H, W, C)
 
 
 mlflow.models.set_model(DiffusionModel())
