@@ -300,7 +300,7 @@ def fill_ratio(volumes: Tensor) -> Tensor:
     """Occupied voxels over the volume of their bounding box, per volume (0 when empty).
 
     A compactness statistic that tells the classes apart: 1 for a box, pi/6 for a sphere and
-    pi^2 R r^2 / (4 (R + r)^2 r) for a torus of radii R > r.
+    pi^2 R r / (4 (R + r)^2) for a torus of radii R > r (each up to the voxel grid).
     """
     occupied = (volumes > OCCUPIED).any(dim=1)  # (N, D, H, W)
     out = torch.zeros(len(volumes), dtype=torch.float64)
