@@ -18,31 +18,37 @@ from diffusion_core.data import ImageDataset
 
 
 class SmallCNN(nn.Module):
-    """Two conv layers and a 64-d penultimate layer (the features)."""
+    """Two conv layers and a 64-d penultimate layer (the features); 2-D for images, 3-D (Conv3d,
+    MaxPool3d) for volumes with ``dims=3``."""
 
-    def __init__(self, *, in_channels: int, image_size: int, num_classes: int, width: int = 32):
+    def __init__(
+        self, *, in_channels: int, image_size: int, num_classes: int, width: int = 32, dims: int = 2
+    ):
         super().__init__()
         self.shape = {
             "in_channels": in_channels,
             "image_size": image_size,
             "num_classes": num_classes,
             "width": width,
+            "dims": dims,
         }
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        pool = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims]
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
+            conv(in_channels, width, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
+            pool(2),
+            conv(width, 2 * width, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            pool(2),
             nn.Flatten(),
-            nn.Linear(2 * width * (image_size // 4) ** 2, 64),
+            nn.Linear(2 * width * (image_size // 4) ** dims, 64),
             nn.ReLU(),
         )
         self.head = nn.Linear(64, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) uint8 -> (B, 64) features."""
+        """(B, C, H, W) or (B, C, D, H, W) uint8 -> (B, 64) features."""
         return self.body(x.float() / 127.5 - 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,16 +56,18 @@ class SmallCNN(nn.Module):
 
 
 def _shift(x: Tensor, gen: torch.Generator, max_shift: int) -> Tensor:
-    """Random translations by up to ``max_shift`` pixels (zero padding), one per image."""
-    b, c, h, w = x.shape
-    padded = F.pad(x, [max_shift] * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (b, 1, 1, 1), generator=gen)
-    dx = torch.randint(0, 2 * max_shift + 1, (b, 1, 1, 1), generator=gen)
-    rows = dy + torch.arange(h).view(1, 1, h, 1)  # (B, 1, H, 1)
-    cols = dx + torch.arange(w).view(1, 1, 1, w)  # (B, 1, 1, W)
-    batch = torch.arange(b).view(b, 1, 1, 1)
-    chan = torch.arange(c).view(1, c, 1, 1)
-    return padded[batch, chan, rows, cols]  # (B, C, H, W)
+    """Random translations by up to ``max_shift`` pixels (voxels) along every spatial axis (zero
+    padding), one per image; offsets are drawn axis by axis (H, W or D, H, W)."""
+    b, c, *spatial = x.shape
+    ones = [1] * len(spatial)
+    padded = F.pad(x, [max_shift] * 2 * len(spatial))
+    index = [torch.arange(b).view(b, 1, *ones), torch.arange(c).view(1, c, *ones)]
+    for axis, size in enumerate(spatial):
+        offset = torch.randint(0, 2 * max_shift + 1, (b, 1, *ones), generator=gen)
+        shape = [1, 1, *ones]
+        shape[2 + axis] = size
+        index.append(offset + torch.arange(size).view(shape))  # (B, 1, ..., size, ..., 1)
+    return padded[tuple(index)]  # (B, C, H, W) or (B, C, D, H, W)
 
 
 @dataclass(frozen=True)
@@ -90,18 +98,27 @@ def train_classifier(
     train_set: ImageDataset,
     holdout: ImageDataset,
     *,
-    epochs: int = 30,
+    epochs: int | None = None,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
+    width: int | None = None,
 ) -> TrainedClassifier:
-    """Train on ``train_set`` with small random shifts; report accuracy on ``holdout``."""
+    """Train on ``train_set`` with small random shifts; report accuracy on ``holdout``.
+
+    Images default to 30 epochs of a width-32 net; volumes (a 3-D net, each item 16-64x the
+    voxels of an image) to 10 epochs of a width-8 net, which keeps a 32^3 set to minutes on a CPU.
+    """
     if train_set.labels is None or holdout.labels is None:
         raise ValueError("a classifier needs a labelled dataset")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    c, h = train_set.images.shape[1], train_set.images.shape[-1]
-    net = SmallCNN(in_channels=c, image_size=h, num_classes=len(train_set.class_names))
+    c, h, dims = train_set.images.shape[1], train_set.images.shape[-1], train_set.dims
+    epochs = epochs if epochs is not None else (30 if dims == 2 else 10)
+    width = width if width is not None else (32 if dims == 2 else 8)
+    net = SmallCNN(
+        in_channels=c, image_size=h, num_classes=len(train_set.class_names), width=width, dims=dims
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(train_set) / batch_size))

@@ -23,14 +23,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DatasetKind = Literal["digits", "folder", "mnist", "fashion_mnist", "cifar10", "shapes"]
+DatasetKind = Literal[
+    "digits", "folder", "mnist", "fashion_mnist", "cifar10", "shapes", "volumes", "volume_folder"
+]
+# Kinds whose items are volumes (C, D, H, W) rather than images; they need ``model.dims: 3``.
+VOLUME_KINDS = frozenset({"volumes", "volume_folder"})
 
 
 class DataConfig(StrictModel):
     kind: DatasetKind = "digits"
-    image_size: int = Field(16, ge=4, le=1024)
+    image_size: int = Field(16, ge=4, le=1024)  # the side of a square image or cubic volume
     channels: Literal[1, 3] | None = None  # None keeps the source's own channel count
-    root: str | None = None  # image folder URL (any fsspec URL) or torchvision root
+    root: str | None = None  # image/volume folder URL (any fsspec URL) or torchvision root
     download: bool = False  # torchvision sets only: fetch when missing
     holdout_fraction: float = Field(0.165, gt=0.0, lt=1.0)
     split_seed: int = 0
@@ -38,7 +42,10 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _root_required(self) -> DataConfig:
-        if self.kind in ("folder", "mnist", "fashion_mnist", "cifar10") and not self.root:
+        if (
+            self.kind in ("folder", "volume_folder", "mnist", "fashion_mnist", "cifar10")
+            and not self.root
+        ):
             raise ValueError(f"data.root is required for data.kind={self.kind!r}")
         return self
 
@@ -52,6 +59,7 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     class_conditional: bool = True
     context_dim: int | None = None  # width of text token states for cross-attention
+    dims: Literal[2, 3] = 2  # 2: images (B, C, H, W); 3: volumes (B, C, D, H, W)
 
 
 class DiffusionConfig(StrictModel):
@@ -250,6 +258,19 @@ class RunConfig(StrictModel):
     text: TextConfig | None = None
 
     @model_validator(mode="after")
+    def _volume_memorisation_in_pixels(self) -> RunConfig:
+        """Volumes are safety-checked on their projections, which the domain classifier (a 3-D
+        network) cannot read: memorisation there works in pixel space only."""
+        if self.model.dims == 3:
+            for i, d in enumerate(self.safety.detectors):
+                if d.name == "memorisation" and d.params.get("feature_space") is True:
+                    raise ValueError(
+                        f"safety.detectors[{i}].params.feature_space: true is not available for "
+                        "volumes (model.dims: 3); their projections are compared in pixel space"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _text_or_classes(self) -> RunConfig:
         if self.text is not None and self.model.class_conditional:
             raise ValueError("text conditioning needs model.class_conditional: false")
@@ -275,6 +296,18 @@ class RunConfig(StrictModel):
             "pipeline": {k: v for k, v in pipeline.items() if k != "detectors"},
             "safety": {"detectors": [{"name": n} for n in renamed]},
         }
+
+    @model_validator(mode="after")
+    def _dims_fit_data(self) -> RunConfig:
+        volumes = self.data.kind in VOLUME_KINDS
+        if volumes != (self.model.dims == 3):
+            need = 3 if volumes else 2
+            raise ValueError(
+                f"model.dims={self.model.dims} does not fit data.kind={self.data.kind!r}: "
+                f"{'volume' if volumes else 'image'} data needs model.dims={need} "
+                f"(volume kinds: {', '.join(sorted(VOLUME_KINDS))})"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,6 +1,7 @@
 """Image datasets: loaders for each ``DataConfig.kind``, a content hash and a seeded split.
 
-Every loader returns an :class:`ImageDataset` holding uint8 images shaped (N, C, H, W).
+Every loader returns an :class:`ImageDataset` holding uint8 images shaped (N, C, H, W), or for
+the volume kinds (see :mod:`diffusion_core.volumes`) uint8 volumes shaped (N, C, D, H, W).
 Loaders are looked up in :data:`DATASETS` by ``DataConfig.kind``.
 """
 
@@ -48,10 +49,11 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Images in memory with optional labels and captions.
+    """Images (or volumes) in memory with optional labels and captions.
 
-    ``images`` is uint8 (N, C, H, W); ``labels`` is int64 (N,) or None; ``captions`` has one
-    string per image or is None; ``skipped`` counts unreadable source files left out.
+    ``images`` is uint8 (N, C, H, W), or (N, C, D, H, W) for volumes; ``labels`` is int64 (N,)
+    or None; ``captions`` has one string per image or is None; ``skipped`` counts unreadable
+    source files left out.
     """
 
     images: Tensor
@@ -62,9 +64,9 @@ class ImageDataset:
     skipped: int = 0
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+        if self.images.dtype != torch.uint8 or self.images.ndim not in (4, 5):
             raise DatasetError(
-                f"{self.source}: images must be uint8 (N, C, H, W), "
+                f"{self.source}: images must be uint8 (N, C, H, W) or volumes (N, C, D, H, W), "
                 f"got {self.images.dtype} {tuple(self.images.shape)}"
             )
         n = self.images.shape[0]
@@ -94,6 +96,11 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return int(self.images.ndim - 2)
 
     def subset(self, indices: Sequence[int] | np.ndarray | Tensor) -> ImageDataset:
         """The images at ``indices`` (in that order), with their labels and captions."""
@@ -199,9 +206,10 @@ def _is_hidden(path: str) -> bool:
 
 
 def _list_images(
-    fs: fsspec.AbstractFileSystem, root: str
+    fs: fsspec.AbstractFileSystem, root: str, *, accept: Callable[[str], bool] = _is_image
 ) -> tuple[list[str], list[int], list[str]]:
-    """Image paths under ``root`` with labels and class names.
+    """Image paths (or other files that ``accept`` takes) under ``root`` with labels and class
+    names.
 
     Sub-folders holding images are classes (labels follow sorted folder names); without any,
     images directly in ``root`` form an unlabelled set and the class list is empty.
@@ -211,10 +219,10 @@ def _list_images(
     for entry in entries:
         if entry["type"] != "directory":
             continue
-        found = sorted(p for p in fs.find(entry["name"]) if _is_image(p) and not _is_hidden(p))
+        found = sorted(p for p in fs.find(entry["name"]) if accept(p) and not _is_hidden(p))
         if found:
             classes[posixpath.basename(entry["name"].rstrip("/"))] = found
-    loose = sorted(e["name"] for e in entries if e["type"] != "directory" and _is_image(e["name"]))
+    loose = sorted(e["name"] for e in entries if e["type"] != "directory" and accept(e["name"]))
     if not classes:
         return loose, [], []
     if loose:
@@ -557,6 +565,23 @@ def load_shapes(cfg: DataConfig) -> ImageDataset:
     )
 
 
+# ----------------------------------------------------------------------------- volumes
+
+
+def load_volumes(cfg: DataConfig) -> ImageDataset:
+    """Synthetic spheres, boxes and tori (see :func:`diffusion_core.volumes.synthetic_volumes`)."""
+    from diffusion_core.volumes import synthetic_volumes
+
+    return synthetic_volumes(cfg)
+
+
+def load_volume_folder(cfg: DataConfig) -> ImageDataset:
+    """``.npy`` volumes under ``cfg.root`` (see :func:`diffusion_core.volumes.volume_folder`)."""
+    from diffusion_core.volumes import volume_folder
+
+    return volume_folder(cfg)
+
+
 # ----------------------------------------------------------------------------- entry points
 
 DATASETS: dict[str, Callable[[DataConfig], ImageDataset]] = {
@@ -566,6 +591,8 @@ DATASETS: dict[str, Callable[[DataConfig], ImageDataset]] = {
     "fashion_mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
     "shapes": load_shapes,
+    "volumes": load_volumes,
+    "volume_folder": load_volume_folder,
 }
 
 

@@ -85,6 +85,8 @@ class ReportData:
     inpainting: list[dict[str, Any]] = field(default_factory=list)  # inpaint_eval rows
     inpainting_examples: Tensor | None = None  # uint8, inpaint_eval.InpaintResult.examples
     promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
+    # More sample figures: (file name, uint8 (N, C, H, W) images, labels or None, caption).
+    figures: list[tuple[str, Tensor, Tensor | None, str]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------- formatting
@@ -362,6 +364,25 @@ def _samples_section(report: ReportData, img_dir: Path) -> _Section | None:
     )
 
 
+def _figures_section(report: ReportData, img_dir: Path) -> _Section | None:
+    """The extra figures, e.g. slices and projections of volumes: 4 per class, or 16."""
+    if not report.figures:
+        return None
+    body = ""
+    for name, images, labels, caption in report.figures:
+        scale = max(1, min(4, round(64 / int(images.shape[-2]))))
+        plots.plot_sample_grid(
+            img_dir / name,
+            images if labels is not None else images[:16],
+            labels=labels,
+            class_names=report.class_names,
+            per_class=4,
+            scale=scale,
+        )
+        body += _figure(img_dir, name, caption, caption, pixelated=True)
+    return _Section("figures", "More views", body)
+
+
 def _decision_html(promotion: Mapping[str, Any], version: str) -> str:
     """The promotion decision for this run's model ``version``, and the rule's reason."""
     promoted = bool(promotion.get("promoted"))
@@ -605,6 +626,7 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         _metrics_section(report),
         _notes_section(report),
         _samples_section(report, img_dir),
+        _figures_section(report, img_dir),
         _comparison_section(report),
         _safety_section(report),
         _sweep_section(report, img_dir),

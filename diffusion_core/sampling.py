@@ -27,7 +27,7 @@ from diffusion_core.training import ModelSpec
 
 @dataclass(frozen=True)
 class Samples:
-    images: Tensor  # (N, C, H, W) uint8
+    images: Tensor  # (N, C, H, W) uint8, or (N, C, D, H, W) for volumes
     labels: Tensor | None  # (N,) long, the requested classes
     seeds: Tensor  # (N,) long: sample i's initial noise is drawn from seed[i]
     nfe: int  # network evaluations per sample (guided batches count once)
@@ -181,7 +181,7 @@ def generate(
     )
     grid = timestep_grid(schedule.num_steps, sc.steps, spacing=sc.spacing)
     seeds = sc.seed * 1_000_000 + offset + torch.arange(n)
-    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    shape = (spec.in_channels, *[spec.image_size] * spec.config.model.dims)
     per_sample = cycle_prompts(prompt_list, n, offset=offset) if prompt_list else None
     out = []
     for start in range(0, n, sc.batch_size):

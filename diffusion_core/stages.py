@@ -7,7 +7,8 @@ orchestrator can pass on. Layout under the store's root:
     datasets/<key>/                 train-*.safetensors, holdout-*.safetensors, meta.json
     judges/<dataset sha256>/        the domain classifier (weights.safetensors, meta.json)
     <run>/checkpoint/               weights.safetensors, ema.safetensors, config.json, state.pt
-    <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl
+    <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl,
+                                    volumes.npy (volume datasets: uint8 (N, C, D, H, W))
     <run>/safety/                   published.safetensors, quarantine/, audit.jsonl, summary.json
     <run>/published/                (when watermarked) published.safetensors, NNNNN.png,
                                     watermark.json
@@ -59,6 +60,7 @@ from diffusion_core.sampling import balanced_labels, generate
 from diffusion_core.storage import ArtefactStore, diffpipe_home
 from diffusion_core.sweep import fewest_nfe_match, run_sweep
 from diffusion_core.training import TrainResult, load_model, train
+from diffusion_core.volumes import max_projections, report_views, volume_metrics
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,8 @@ def sample_shard(
         if samples.labels is not None:
             tensors["labels"] = samples.labels
         save_file(tensors, out / "images.safetensors")
+        if samples.images.ndim == 5:  # volumes, also as plain numpy
+            np.save(out / "volumes.npy", samples.images.numpy())
         with open(out / "metadata.jsonl", "w") as f:
             for i in range(len(samples.images)):
                 record: dict[str, Any] = {
@@ -282,6 +286,17 @@ class SafetyRef:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+def pixel_space_memorisation(safety: SafetyConfig) -> SafetyConfig:
+    """The chain with the memorisation detector in pixel space only (for volume projections)."""
+    detectors = tuple(
+        d.model_copy(update={"params": {**d.params, "feature_space": False}})
+        if d.name == "memorisation"
+        else d
+        for d in safety.detectors
+    )
+    return safety.model_copy(update={"detectors": detectors})
+
+
 def safety_filter(
     store: ArtefactStore,
     shard_prefixes: list[str],
@@ -299,6 +314,10 @@ def safety_filter(
     """
     samples = read_shards(store, shard_prefixes)
     train_set = read_split(store, dataset, "train")
+    images, train_images = samples["images"], train_set.images
+    volumes = images.ndim == 5
+    if volumes:  # the 2-D detectors judge the volumes' maximum-intensity projections
+        images, train_images = max_projections(images), max_projections(train_images)
     judge: list[TrainedClassifier] = []
 
     def features(images: Tensor) -> Tensor:  # the domain classifier, fetched on first use
@@ -307,13 +326,16 @@ def safety_filter(
         return judge[0].features(images)
 
     context = SafetyContext(
-        train_images=train_set.images,
+        train_images=train_images,
         labels=samples.get("labels"),
         metadata={"out_prefix": out_prefix},
-        features=features,
+        # The domain classifier of a volume set reads volumes, not their projections.
+        features=None if volumes else features,
     )
-    n = len(samples["images"])
-    decision = filter_images(samples["images"], context, build_chain(safety), sample_ids=range(n))
+    n = len(images)
+    if volumes:
+        safety = pixel_space_memorisation(safety)
+    decision = filter_images(images, context, build_chain(safety), sample_ids=range(n))
     keep = decision.published
     samples = {**samples, "sample_ids": torch.arange(n)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -488,6 +510,12 @@ def evaluate_samples(
     ec = evaluation or EvaluationConfig()
     published = read_published(store, safety_prefix)
     holdout = read_split(store, dataset, "holdout")
+    if published["images"].ndim == 5:  # volumes: shape statistics and MMD (diffusion_core.volumes)
+        clf, clf_sha = domain_classifier(store, dataset)
+        metrics = volume_metrics(published["images"], published.get("labels"), holdout, clf)
+        return _write_volume_evaluation(
+            store, metrics, clf_sha, dataset, sample=sample, out_key=out_key
+        )
     n = min(len(published["images"]), ec.num_samples or len(published["images"]))
     if n < fidelity.MIN_IMAGES:
         raise ValueError(f"{safety_prefix}: {n} published samples, too few to evaluate")
@@ -628,6 +656,36 @@ def read_inpainting(store: ArtefactStore, prefix: str) -> tuple[list[dict[str, A
         return rows, load_file(Path(tmp) / "examples.safetensors")["images"]
 
 
+def _write_volume_evaluation(
+    store: ArtefactStore,
+    metrics: dict[str, float],
+    extractor_sha: str,
+    dataset: DatasetRef,
+    *,
+    sample: SampleConfig,
+    out_key: str,
+) -> Evaluation:
+    """Store a volume evaluation with the record that says what it is comparable with."""
+    record = {
+        "engine": "diffpipe volume statistics",
+        "extractor": "domain-cnn-3d",
+        "extractor_sha256": extractor_sha,
+        "reference_sha256": dataset.sha256,
+        "reference_split": "holdout",
+        "num_samples": int(metrics["num_samples"]),
+        "num_reference": int(metrics["num_reference"]),
+        "sampler": sample.sampler,
+        "steps": sample.steps,
+        "nfe": sample.steps,
+        "spacing": sample.spacing,
+        "eta": sample.eta,
+        "guidance_scale": sample.guidance_scale,
+        "seed": sample.seed,
+    }
+    store.write_json(out_key, {"metrics": metrics, "record": record})
+    return Evaluation(metrics, record)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report.
 
@@ -659,9 +717,14 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
     cfg = RunConfig.model_validate(inputs.config)
     intervals = {
         name: (inputs.metrics[f"{name}_low"], inputs.metrics[f"{name}_high"])
-        for name in ("fid", "kid")
+        for name in ("fid", "kid", "mmd")
         if f"{name}_low" in inputs.metrics
     }
+    samples, figures = published["images"], []
+    real_images: Tensor | None = holdout.images[:6]
+    if samples.ndim == 5:  # volumes: the samples grid shows projections along z; more figures
+        figures = report_views(samples, published.get("labels"), holdout)
+        samples, real_images = samples.amax(dim=2), None
     data = ReportData(
         title=f"{inputs.model_name} v{inputs.model_version}",
         run_id=inputs.run_id,
@@ -671,10 +734,11 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         metrics={k: v for k, v in inputs.metrics.items() if not k.endswith(("_low", "_high"))},
         intervals=intervals,
         history=inputs.history,
-        samples=published["images"],
+        samples=samples,
         labels=published.get("labels"),
         class_names=inputs.dataset.class_names,
-        real_images=holdout.images[:6],
+        real_images=real_images,
+        figures=figures,
         schedule_name=cfg.diffusion.schedule,
         num_steps=cfg.diffusion.num_steps,
         safety={

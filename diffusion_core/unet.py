@@ -1,4 +1,8 @@
-"""U-Net noise predictor of DDPM (Ho et al. 2020) with the changes of Nichol & Dhariwal 2021."""
+"""U-Net noise predictor of DDPM (Ho et al. 2020) with the changes of Nichol & Dhariwal 2021.
+
+One implementation for images (``dims=2``: Conv2d over (B, C, H, W)) and volumes (``dims=3``:
+Conv3d over (B, C, D, H, W)); attention runs over the flattened H*W or D*H*W positions.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,14 @@ from diffusion_core.config import ModelConfig
 from diffusion_core.parameterization import Cond
 
 MAX_GROUPS = 32
+CONVS: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def conv_nd(
+    dims: int, in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: int = 0
+) -> nn.Conv2d | nn.Conv3d:
+    """Conv2d (dims=2) or Conv3d (dims=3) with a square / cubic kernel."""
+    return CONVS[dims](in_ch, out_ch, kernel, stride=stride, padding=padding)
 
 
 def num_groups(channels: int) -> int:
@@ -44,28 +56,30 @@ class GroupNorm(nn.GroupNorm):
 class ResBlock(nn.Module):
     """GN-SiLU-conv, FiLM by the time embedding (scale-shift), GN-SiLU-dropout-conv, plus skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, dropout: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, *, dropout: float, dims: int = 2) -> None:
         super().__init__()
         self.out_ch = out_ch
         self.norm1 = GroupNorm(num_groups(in_ch), in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = conv_nd(dims, in_ch, out_ch, 3, padding=1)
         # The second norm's affine is redundant with the FiLM scale-shift that follows it.
         self.norm2 = GroupNorm(num_groups(out_ch), out_ch, affine=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = conv_nd(dims, out_ch, out_ch, 3, padding=1)
+        self.skip = conv_nd(dims, in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, film: Tensor) -> Tensor:
         # film: (B, 2 * out_ch), the slice of the shared time-embedding projection for this block
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = film[:, :, None, None].chunk(2, dim=1)  # each (B, out_ch, 1, 1)
+        spatial = [1] * (h.ndim - 2)
+        scale, shift = film.view(*film.shape, *spatial).chunk(2, dim=1)  # each (B, out_ch, 1, ...)
         h = torch.addcmul(shift, self.norm2(h), scale + 1)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, optionally followed by cross-attention."""
+    """Multi-head self-attention over the H*W (or D*H*W) positions, optionally followed by
+    cross-attention."""
 
     def __init__(self, channels: int, *, num_heads: int, context_dim: int | None) -> None:
         super().__init__()
@@ -78,8 +92,8 @@ class AttentionBlock(nn.Module):
             self.cross = CrossAttention(channels, context_dim=context_dim, num_heads=num_heads)
 
     def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        b, c, hgt, wid = x.shape
-        n, heads = hgt * wid, self.num_heads
+        b, c, *spatial = x.shape  # (B, C, H, W) or (B, C, D, H, W)
+        n, heads = math.prod(spatial), self.num_heads
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C)
         qkv = self.qkv(tokens).view(b, n, 3, heads, c // heads)  # (B, N, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
@@ -88,7 +102,7 @@ class AttentionBlock(nn.Module):
         if self.cross is not None:
             assert context is not None
             out = out + self.cross(x.flatten(2).transpose(1, 2) + out, context)
-        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+        return x + out.transpose(1, 2).reshape(b, c, *spatial)
 
 
 class CrossAttention(nn.Module):
@@ -125,18 +139,18 @@ class Stage(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = conv_nd(dims, channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, *, dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = conv_nd(dims, channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -168,6 +182,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_classes: int | None = None,
         context_dim: int | None = None,
+        dims: int = 2,
     ) -> None:
         super().__init__()
         _check_args(
@@ -182,8 +197,9 @@ class UNet(nn.Module):
             dropout=dropout,
             num_classes=num_classes,
             context_dim=context_dim,
+            dims=dims,
         )
-        self.num_classes, self.context_dim = num_classes, context_dim
+        self.num_classes, self.context_dim, self.dims = num_classes, context_dim, dims
         emb_dim = 4 * base_channels
         half = base_channels // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
@@ -198,9 +214,9 @@ class UNet(nn.Module):
             attn = None
             if res in attention_resolutions:
                 attn = AttentionBlock(cout, num_heads=num_heads, context_dim=context_dim)
-            return Stage(ResBlock(cin, cout, dropout=dropout), attn)
+            return Stage(ResBlock(cin, cout, dropout=dropout, dims=dims), attn)
 
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = conv_nd(dims, in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skips, ch, res = [base_channels], base_channels, image_size
         for level, mult in enumerate(channel_mults):
@@ -209,16 +225,16 @@ class UNet(nn.Module):
                 ch = base_channels * mult
                 skips.append(ch)
             if level != len(channel_mults) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, dims=dims))
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList(
             [
                 Stage(
-                    ResBlock(ch, ch, dropout=dropout),
+                    ResBlock(ch, ch, dropout=dropout, dims=dims),
                     AttentionBlock(ch, num_heads=num_heads, context_dim=context_dim),
                 ),
-                Stage(ResBlock(ch, ch, dropout=dropout), None),
+                Stage(ResBlock(ch, ch, dropout=dropout, dims=dims), None),
             ]
         )
         self.up = nn.ModuleList()
@@ -227,10 +243,10 @@ class UNet(nn.Module):
                 self.up.append(stage(ch + skips.pop(), base_channels * mult, res))
                 ch = base_channels * mult
             if level != 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Upsample(ch, dims=dims))
                 res *= 2
         self.norm_out = GroupNorm(num_groups(ch), ch)
-        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.conv_out = conv_nd(dims, ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         if self.conv_out.bias is not None:
             nn.init.zeros_(self.conv_out.bias)
@@ -246,6 +262,11 @@ class UNet(nn.Module):
         return self.num_classes
 
     def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        if x.ndim != self.dims + 2:
+            raise ValueError(
+                f"this UNet has dims={self.dims}: expected a {self.dims + 2}-D input "
+                f"(B, C{', D' if self.dims == 3 else ''}, H, W), got shape {tuple(x.shape)}"
+            )
         t_emb = timestep_embedding(t, self.freqs).to(self.conv_in.weight.dtype)  # (B, C0)
         emb = self.time_mlp(t_emb)  # (B, E)
         if self.class_embed is not None:
@@ -290,7 +311,10 @@ def _check_args(
     dropout: float,
     num_classes: int | None,
     context_dim: int | None,
+    dims: int,
 ) -> None:
+    if dims not in CONVS:
+        raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims}")
     for name, value in [
         ("in_channels", in_channels),
         ("out_channels", out_channels),
@@ -353,6 +377,7 @@ def build_unet(
         dropout=cfg.dropout,
         num_classes=num_classes if cfg.class_conditional else None,
         context_dim=cfg.context_dim,
+        dims=cfg.dims,
     )
 
 

@@ -9,7 +9,7 @@ Logged with ``mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"weig
      "guidance_scale": 1.5, "seed": 0}
 
 Every key is optional (defaults: the model's own sampling config, class-balanced labels). The
-result is a uint8 array (N, H, W, C).
+result is a uint8 array (N, H, W, C), or (N, D, H, W, C) for a volume model.
 
 An inpainting request carries an ``image`` and a ``mask`` (white or True = keep) and fills the
 rest with RePaint; the known region of the result equals ``image`` exactly:
@@ -97,7 +97,7 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         sc = self.spec.config.sample.model_copy(update=request)
         sc = type(sc).model_validate(sc.model_dump())  # validate the requested values
         samples = generate(self.net, self.spec, sc, num_samples=n, labels=labels_t, prompts=prompts)
-        return samples.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        return samples.images.movedim(1, -1).numpy()  # (N, H, W, C) or (N, D, H, W, C)
 
     def _inpaint(self, request: dict[str, Any]) -> np.ndarray:
         """Complete ``request["image"]`` where ``request["mask"]`` is black; (N, H, W, C)."""
