@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,3 +60,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One Prefect test API per test module; DIFFPIPE_HOME and MLflow in a temp dir."""
+    import mlflow
+
+    home = tmp_path_factory.mktemp("home")
+    saved = dict(os.environ)
+    os.environ.update(
+        DIFFPIPE_HOME=str(home),
+        DIFFPIPE_RETRY_DELAYS="0.5,1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
+    )
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = {PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=results):
+        yield home
+    os.environ.clear()
+    os.environ.update(saved)

@@ -25,27 +25,6 @@ PIPELINE_TINY["sample"] = {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5,
 PIPELINE_TINY["pipeline"] = {"num_samples": 60, "shards": 2}
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """One Prefect test API for the module; DIFFPIPE_HOME and MLflow in a temp dir."""
-    home = tmp_path_factory.mktemp("home")
-    saved = dict(os.environ)
-    os.environ.update(
-        DIFFPIPE_HOME=str(home),
-        DIFFPIPE_RETRY_DELAYS="0.5,1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-    )
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = {PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    with prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=results):
-        yield home
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def write_config(path: Path, **pipeline: object) -> Path:
     cfg = json.loads(json.dumps(PIPELINE_TINY))
     cfg["pipeline"].update(pipeline)

@@ -3,7 +3,6 @@ through train -> register -> sample -> safety -> evaluate -> report."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -38,27 +37,6 @@ VOLUME_TINY = {
     "sample": {"sampler": "ddim", "steps": 3, "guidance_scale": 1.5, "batch_size": 32},
     "pipeline": {"num_samples": 24, "shards": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """One Prefect test API for the module; DIFFPIPE_HOME and MLflow in a temp dir."""
-    home = tmp_path_factory.mktemp("home")
-    saved = dict(os.environ)
-    os.environ.update(
-        DIFFPIPE_HOME=str(home),
-        DIFFPIPE_RETRY_DELAYS="0.5,1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
-    )
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = {PREFECT_LOCAL_STORAGE_PATH: home / "prefect-results"}
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    with prefect_test_harness(server_startup_timeout=120), temporary_settings(updates=results):
-        yield home
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_nightly_on_volumes(harness, tmp_path):

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 from diffusion_core import watermark as wm
 from diffusion_core.storage import ArtefactStore, default_root
 from tests.conftest import TINY
-from tests.test_pipeline import _logs, _task_runs, harness  # noqa: F401  (the module fixture)
+from tests.test_pipeline import _logs, _task_runs
 
 pytestmark = pytest.mark.slow
 
 SECRET = "pipeline-test-watermark-secret"
 
 
-def test_nightly_publishes_marked_images(harness, tmp_path, monkeypatch):  # noqa: F811
+def test_nightly_publishes_marked_images(harness, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_WM_KEY", SECRET)
     cfg = copy.deepcopy(TINY)
     cfg["name"] = "tiny-wm"
