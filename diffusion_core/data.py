@@ -364,6 +364,28 @@ def _report_skips(url: str, skipped: list[str]) -> None:
     logger.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), named)
 
 
+def list_folder(
+    url: str,
+    what: str,
+    *,
+    accept: Callable[[str], bool] = _is_image,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str, list[str], list[int], list[str]]:
+    """The filesystem and root of the ``what`` folder at ``url``, and its files that ``accept``
+    takes, with labels and class names (see ``_list_images``); a missing or unlistable folder is
+    a DatasetError naming the URL."""
+    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    root = root.rstrip("/") or root
+    if not fs.isdir(root):
+        kind = "not a folder" if fs.exists(root) else "not found"
+        raise DatasetError(f"{url}: {what} folder {kind}")
+    try:
+        paths, labels, class_names = _list_images(fs, root, accept=accept)
+    except OSError as exc:
+        raise DatasetError(f"{url}: cannot list the {what} folder: {exc}") from exc
+    return fs, root, paths, labels, class_names
+
+
 def load_folder(cfg: DataConfig, *, storage_options: dict[str, Any] | None = None) -> ImageDataset:
     """Images under ``cfg.root`` (any fsspec URL), one class per sub-folder or a flat folder.
 
@@ -371,15 +393,9 @@ def load_folder(cfg: DataConfig, *, storage_options: dict[str, Any] | None = Non
     s3 URLs the ``AWS_ENDPOINT_URL`` environment variable sets the endpoint when given.
     """
     url = str(cfg.root)
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
-    root = root.rstrip("/") or root
-    if not fs.isdir(root):
-        kind = "not a folder" if fs.exists(root) else "not found"
-        raise DatasetError(f"{url}: image folder {kind}")
-    try:
-        paths, labels, class_names = _list_images(fs, root)
-    except OSError as exc:
-        raise DatasetError(f"{url}: cannot list the image folder: {exc}") from exc
+    fs, root, paths, labels, class_names = list_folder(
+        url, "image", storage_options=storage_options
+    )
 
     decoded: list[Image.Image] = []
     kept: list[int] = []

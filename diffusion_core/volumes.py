@@ -15,7 +15,6 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,10 +26,9 @@ from diffusion_core.config import DataConfig
 from diffusion_core.data import (
     DatasetError,
     ImageDataset,
-    _list_images,
     _read_all,
     _report_skips,
-    _storage_options,
+    list_folder,
 )
 from diffusion_core.metrics import frechet_distance, half_sample_interval, kernel_inception_distance
 
@@ -188,15 +186,9 @@ def volume_folder(
     values or channels do not fit, is an error naming the file.
     """
     url = str(cfg.root)
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
-    root = root.rstrip("/") or root
-    if not fs.isdir(root):
-        kind = "not a folder" if fs.exists(root) else "not found"
-        raise DatasetError(f"{url}: volume folder {kind}")
-    try:
-        paths, labels, class_names = _list_images(fs, root, accept=_is_npy)
-    except OSError as exc:
-        raise DatasetError(f"{url}: cannot list the volume folder: {exc}") from exc
+    fs, _, paths, labels, class_names = list_folder(
+        url, "volume", accept=_is_npy, storage_options=storage_options
+    )
 
     volumes: list[Tensor] = []
     kept: list[int] = []
