@@ -60,7 +60,7 @@ def direct(config: str, overrides: dict, home: Path) -> dict[str, float]:
     t = time.perf_counter()
     safety = stages.safety_filter(
         store, [s.prefix for s in shards], dataset, out_prefix="runs/direct/safety",
-        detectors=list(pc.detectors),
+        safety=cfg.safety,
     )  # fmt: skip
     seconds["safety_filter"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -66,7 +66,7 @@ def main() -> None:
     timed("sample", t0)
     t0 = time.perf_counter()
     safety = stages.safety_filter(
-        store, shards, dataset, out_prefix="runs/bench/safety", detectors=list(pc.detectors)
+        store, shards, dataset, out_prefix="runs/bench/safety", safety=cfg.safety
     )
     timed("safety", t0)
     t0 = time.perf_counter()
