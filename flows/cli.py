@@ -523,7 +523,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, registered: bool = False) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffpipe",
-        description="Train, sample and inpaint image diffusion models.",
+        description="Train, sample, inpaint, safety-filter and evaluate diffusion models.",
         epilog="Exit codes: 0 success, 1 failed run, 2 bad input. "
         "Outputs go under $DIFFPIPE_HOME (default ./.diffpipe).",
     )
