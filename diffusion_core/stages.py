@@ -495,6 +495,33 @@ def evaluation_extractor(
     return fidelity.Extractor(fidelity.DOMAIN, work_dir, judge_sha), judge
 
 
+def _reference_record(
+    engine: str, extractor: str, extractor_sha256: str, dataset: DatasetRef, num_reference: int
+) -> dict[str, Any]:
+    """What a metric was measured with and against: the metric record's reference part."""
+    return {
+        "engine": engine,
+        "extractor": extractor,
+        "extractor_sha256": extractor_sha256,
+        "reference_sha256": dataset.sha256,
+        "reference_split": "holdout",
+        "num_reference": num_reference,
+    }
+
+
+def _sampling_record(sample: SampleConfig) -> dict[str, Any]:
+    """How the judged samples were drawn: the metric record's sampling part."""
+    return {
+        "sampler": sample.sampler,
+        "steps": sample.steps,
+        "nfe": sample.steps,  # one network call per step; guided halves are one 2B batch
+        "spacing": sample.spacing,
+        "eta": sample.eta,
+        "guidance_scale": sample.guidance_scale,
+        "seed": sample.seed,
+    }
+
+
 def evaluate_samples(
     store: ArtefactStore,
     safety_prefix: str,
@@ -533,20 +560,9 @@ def evaluate_samples(
         metrics["accuracy_gap"] = judge.holdout_accuracy - metrics["conditional_accuracy"]
     seeds = published["seeds"][:n]
     record = {
-        "engine": fidelity.ENGINE,
-        "extractor": ec.extractor,
-        "extractor_sha256": extractor.sha256,
-        "reference_sha256": dataset.sha256,
-        "reference_split": "holdout",
+        **_reference_record(fidelity.ENGINE, ec.extractor, extractor.sha256, dataset, len(holdout)),
         "num_samples": n,
-        "num_reference": len(holdout),
-        "sampler": sample.sampler,
-        "steps": sample.steps,
-        "nfe": sample.steps,  # one network call per step; guided halves are one 2B batch
-        "spacing": sample.spacing,
-        "eta": sample.eta,
-        "guidance_scale": sample.guidance_scale,
-        "seed": sample.seed,
+        **_sampling_record(sample),
         "seeds": f"{int(seeds.min())}..{int(seeds.max())}",  # per-sample noise seeds
     }
     store.write_json(out_key, {"metrics": metrics, "record": record})
@@ -591,12 +607,7 @@ def sweep_samplers(
         )
     best = fewest_nfe_match(rows)
     record = {
-        "engine": fidelity.ENGINE,
-        "extractor": ec.extractor,
-        "extractor_sha256": extractor.sha256,
-        "reference_sha256": dataset.sha256,
-        "reference_split": "holdout",
-        "num_reference": len(holdout),
+        **_reference_record(fidelity.ENGINE, ec.extractor, extractor.sha256, dataset, len(holdout)),
         "safety_filter": False,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -667,21 +678,13 @@ def _write_volume_evaluation(
 ) -> Evaluation:
     """Store a volume evaluation with the record that says what it is comparable with."""
     record = {
-        "engine": "diffpipe volume statistics",
-        "extractor": "domain-cnn-3d",
-        "extractor_sha256": extractor_sha,
-        "reference_sha256": dataset.sha256,
-        "reference_split": "holdout",
+        **_reference_record(
+            "diffpipe volume statistics", "domain-cnn-3d", extractor_sha, dataset,
+            int(metrics["num_reference"]),
+        ),
         "num_samples": int(metrics["num_samples"]),
-        "num_reference": int(metrics["num_reference"]),
-        "sampler": sample.sampler,
-        "steps": sample.steps,
-        "nfe": sample.steps,
-        "spacing": sample.spacing,
-        "eta": sample.eta,
-        "guidance_scale": sample.guidance_scale,
-        "seed": sample.seed,
-    }
+        **_sampling_record(sample),
+    }  # fmt: skip
     store.write_json(out_key, {"metrics": metrics, "record": record})
     return Evaluation(metrics, record)
 
