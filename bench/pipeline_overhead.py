@@ -17,7 +17,6 @@ import resource
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,71 +24,21 @@ sys.path.insert(0, str(REPO))
 
 
 def direct(config: str, overrides: dict, home: Path) -> dict[str, float]:
-    from diffusion_core import stages
-    from diffusion_core.config import load_config
-    from diffusion_core.storage import ArtefactStore
+    from direct_stages import run_stages
 
-    cfg = load_config(config, overrides)
-    store = ArtefactStore(str(home / "artefacts"))
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    dataset = stages.prepare_dataset(cfg.data, store)
-    seconds["prepare_dataset"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    ckpt = stages.train_model(cfg, dataset, store, run_prefix="runs/direct", work_dir=home / "work")
-    seconds["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pc = cfg.pipeline
-    size = -(-pc.num_samples // pc.shards)
-    with ThreadPoolExecutor(pc.shards) as pool:
-        shards = list(
-            pool.map(
-                lambda i: stages.sample_shard(
-                    store,
-                    ckpt.prefix,
-                    cfg.sample,
-                    out_prefix="runs/direct/samples",
-                    shard=i,
-                    shard_size=size,
-                    total=pc.num_samples,
-                ),
-                range(pc.shards),
-            )
-        )
-    seconds["sample"] = time.perf_counter() - t
-    t = time.perf_counter()
-    safety = stages.safety_filter(
-        store, [s.prefix for s in shards], dataset, out_prefix="runs/direct/safety",
-        safety=cfg.safety,
-    )  # fmt: skip
-    seconds["safety_filter"] = time.perf_counter() - t
-    t = time.perf_counter()
-    evaluation = stages.evaluate_samples(
-        store, safety.prefix, dataset, sample=cfg.sample, out_key="runs/direct/metrics.json"
-    )
-    seconds["evaluate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stages.make_report(
-        store,
-        stages.ReportInputs(
-            run_prefix="runs/direct", run_id="direct", model_name=cfg.name, model_version="0",
-            config=cfg.to_dict(), dataset=dataset, safety=safety, metrics=evaluation.metrics,
-            history=ckpt.history,
-        ),
-    )  # fmt: skip
-    seconds["report"] = time.perf_counter() - t
-    seconds["wall"] = time.perf_counter() - t0
-    return seconds
+    from diffusion_core.config import load_config
+
+    return run_stages(load_config(config, overrides), home).seconds
 
 
 def flow(config: str, overrides: dict, home: Path) -> dict:
     os.environ["DIFFPIPE_HOME"] = str(home)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from flows.pipeline import nightly
+    from diffpipe.flows.pipeline import nightly
 
     t0 = time.perf_counter()
-    summary = nightly(config_path=config, overrides=overrides)
+    summary = nightly(config=config, overrides=overrides)
     summary["outer_wall"] = time.perf_counter() - t0
     return summary
 
@@ -100,7 +49,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
-    from flows.cli import parse_overrides
+    from diffpipe.flows.commands import parse_overrides
 
     overrides = parse_overrides(args.set)
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:

@@ -25,19 +25,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from diffusion_core import fidelity
-from diffusion_core.classifier import load_classifier, save_classifier, train_classifier
 from diffusion_core.config import SweepSetting, load_config
 from diffusion_core.data import load_dataset, split_dataset
-from diffusion_core.sampling import generate
-from diffusion_core.sweep import fewest_nfe_match, run_sweep
-from diffusion_core.training import load_model
+from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
+from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
+from diffusion_core.io import sha256_file
+from diffusion_core.model import load_model
+from diffusion_core.sampling import SampleRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_SWEEP = [
-    "ddpm:1000", "ddim:10", "ddim:20", "ddim:50", "ddim:100",
-    "dpmpp_2m:5", "dpmpp_2m:10", "dpmpp_2m:15", "dpmpp_2m:20",
-]  # fmt: skip
+    "ddpm:1000",
+    "ddim:10",
+    "ddim:20",
+    "ddim:50",
+    "ddim:100",
+    "dpmpp_2m:5",
+    "dpmpp_2m:10",
+    "dpmpp_2m:15",
+    "dpmpp_2m:20",
+]
 
 
 def setting(text: str) -> SweepSetting:
@@ -72,23 +80,29 @@ def main() -> None:
         f"judge: holdout accuracy {judge.holdout_accuracy:.4f} ({time.perf_counter() - t0:.0f} s)"
     )
     extractor = fidelity.Extractor(
-        fidelity.DOMAIN, judge_dir, fidelity.file_sha256(judge_dir / "weights.safetensors")
+        fidelity.DOMAIN, judge_dir, sha256_file(judge_dir / "weights.safetensors")
     )
     score = partial(fidelity.score, reference=holdout.images, extractor=extractor, draws=args.draws)
-    net, spec = load_model(args.checkpoint)
-    sc = spec.config.sample
+    net, card = load_model(args.checkpoint)
     out: dict[str, Any] = {"judge_holdout_accuracy": judge.holdout_accuracy}
 
-    # The quickstart setting.
+    # The quickstart setting: the model card's sampling defaults.
     t0 = time.perf_counter()
-    samples = generate(net, spec, sc, num_samples=args.num)
+    samples = generate(net, card, SampleRequest(num_samples=args.num))
     seconds = time.perf_counter() - t0
+    sc = samples.knobs
     m = score(samples.images)
     assert samples.labels is not None
     accuracy = judge.accuracy(samples.images, samples.labels)
     m |= {"conditional_accuracy": accuracy, "accuracy_gap": judge.holdout_accuracy - accuracy}
-    out["main"] = {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale,
-                   "num_samples": args.num, "sample_seconds": seconds, **m}  # fmt: skip
+    out["main"] = {
+        "sampler": sc.sampler,
+        "steps": sc.steps,
+        "guidance_scale": sc.guidance_scale,
+        "num_samples": args.num,
+        "sample_seconds": seconds,
+        **m,
+    }
     print(
         f"{sc.sampler} {sc.steps} steps, guidance {sc.guidance_scale}, {args.num} samples "
         f"({seconds:.0f} s) vs {len(holdout)} holdout digits:\n"
@@ -110,7 +124,8 @@ def main() -> None:
         settings = tuple(setting(s) for s in (args.sweep or FULL_SWEEP))
         rows = []
         for s in settings:  # one at a time, so that progress shows
-            rows += run_sweep(net, spec, sc, (s,), num_samples=args.sweep_num, judge=score)
+            base = SampleRequest(num_samples=args.sweep_num)
+            rows += run_sweep(net, card, base, (s,), score=score)
             r = rows[-1]
             print(
                 f"  {r['sampler']:>8} {r['steps']:>4} steps: NFE {r['nfe']:g}, "
@@ -122,8 +137,12 @@ def main() -> None:
         ref = best["reference"]
         dpm = [r for r in rows if r["sampler"] == "dpmpp_2m" and r["fid"] <= ref["fid_high"]]
         dpm_nfe = min((r["nfe"] for r in dpm), default=None)
-        out["sweep"] = {"num_samples": args.sweep_num, "rows": rows, **best,
-                        "dpmpp_2m_match_nfe": dpm_nfe}  # fmt: skip
+        out["sweep"] = {
+            "num_samples": args.sweep_num,
+            "rows": rows,
+            **best,
+            "dpmpp_2m_match_nfe": dpm_nfe,
+        }
         print(best["note"])
         print(f"DPM-Solver++(2M) reaches it at {dpm_nfe} NFE (goal <= 20)")
     if args.json:

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from diffusion_core.classifier import train_classifier
 from diffusion_core.config import load_config
 from diffusion_core.data import load_dataset, split_dataset
-from diffusion_core.metrics import frechet_distance
-from diffusion_core.sampling import balanced_labels, generate
-from diffusion_core.training import load_model, train
+from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation.judge import train_classifier
+from diffusion_core.model import load_model
+from diffusion_core.sampling import SampleRequest, generate
+from diffusion_core.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +37,11 @@ def main() -> None:
     p.add_argument("--checkpoint", help="skip training and judge this checkpoint")
     p.add_argument("--out", help="training output directory (default: a temporary one)")
     p.add_argument("--num", type=int, default=1000, help="samples to judge")
-    p.add_argument("--guidance", type=float, nargs="+", help="guidance scales (default: config's)")
-    p.add_argument("--sampler", help="default: config's")
-    p.add_argument("--steps", type=int, help="default: config's")
+    p.add_argument(
+        "--guidance", type=float, nargs="+", help="guidance scales (default: the model card's)"
+    )
+    p.add_argument("--sampler", help="default: the model card's")
+    p.add_argument("--steps", type=int, help="default: the model card's")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
 
@@ -65,7 +68,7 @@ def main() -> None:
         train_seconds = time.perf_counter() - t0
         ckpt = result.checkpoint
         print(f"trained {result.steps} steps in {train_seconds:.0f} s -> {ckpt}")
-    net, spec = load_model(ckpt)
+    net, card = load_model(ckpt)
 
     # The floor: 297 real training digits vs the holdout, five draws.
     n_ref = len(holdout)
@@ -74,21 +77,22 @@ def main() -> None:
     floors = []
     for draw in range(5):
         idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(draw))[:n_ref]
-        floors.append(frechet_distance(train_feats[idx], real_feats))
+        floors.append(fidelity.fid(train_feats[idx], real_feats))
     floor = torch.tensor(floors)
     print(f"FID floor (real vs real, n={n_ref}): {floor.mean():.2f} +- {floor.std():.2f}")
 
     rows = []
-    sc0 = spec.config.sample
     updates = {k: v for k, v in {"sampler": args.sampler, "steps": args.steps}.items() if v}
-    for scale in args.guidance or [sc0.guidance_scale]:
-        sc = sc0.model_copy(update={**updates, "guidance_scale": scale})
-        labels = balanced_labels(args.num, spec.num_classes or 1)
+    for scale in args.guidance or [card.sampling.guidance_scale]:
+        # Class-balanced labels (0, 1, ..., K-1, 0, ...): generate's default for a class model.
+        request = SampleRequest(**updates, guidance_scale=scale, num_samples=args.num)
         t0 = time.perf_counter()
-        samples = generate(net, spec, sc, labels=labels)
+        samples = generate(net, card, request)
         sample_seconds = time.perf_counter() - t0
+        sc, labels = samples.knobs, samples.labels
+        assert labels is not None, "the quickstart model is class-conditional"
         accuracy = judge.accuracy(samples.images, labels)
-        fid = frechet_distance(judge.features(samples.images[:n_ref]), real_feats)
+        fid = fidelity.fid(judge.features(samples.images[:n_ref]), real_feats)
         row = {
             "sampler": sc.sampler,
             "steps": sc.steps,

@@ -10,7 +10,8 @@ training split, then measures
   detector's rates on ``--slipped`` training images slipped in among the samples vs the fresh
   samples and the real holdout digits.
 
-    python bench/safety_detectors.py [--checkpoint DIR] [--num 1000] [--json out.json]
+    python bench/safety_detectors.py --checkpoint DIR [--config configs/quickstart.yaml]
+        [--num 1000] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,18 +24,15 @@ from pathlib import Path
 
 import torch
 
-from diffusion_core.classifier import train_classifier
-from diffusion_core.concepts import ConceptDetector
-from diffusion_core.config import SampleConfig
+from diffusion_core.config import SamplingDefaults, load_config
 from diffusion_core.data import load_dataset, split_dataset
-from diffusion_core.safety import (
-    DetectorResult,
-    InvalidImageDetector,
-    MemorisationDetector,
-    SafetyContext,
-)
-from diffusion_core.sampling import balanced_labels, generate
-from diffusion_core.training import load_model
+from diffusion_core.evaluation.judge import train_classifier
+from diffusion_core.model import load_model
+from diffusion_core.safety.concepts import ConceptDetector
+from diffusion_core.safety.detector import DetectorResult, SafetyContext
+from diffusion_core.safety.memorisation import MemorisationDetector
+from diffusion_core.safety.sanity import InvalidImageDetector
+from diffusion_core.sampling import SampleRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPTS = [
@@ -69,6 +67,11 @@ def main() -> None:
         required=True,
         help="a quickstart checkpoint folder (the checkpoint/ of a make run)",
     )
+    p.add_argument(
+        "--config",
+        default=str(REPO / "configs" / "quickstart.yaml"),
+        help="the run config the checkpoint was trained with (its data section)",
+    )
     p.add_argument("--num", type=int, default=1000, help="samples to draw")
     p.add_argument("--slipped", type=int, default=300, help="training images slipped in")
     p.add_argument("--clip-images", type=int, default=128, help="images for ViT-B-32 timing")
@@ -79,17 +82,24 @@ def main() -> None:
     out: dict[str, object] = {"threads": args.threads, "num_samples": args.num}
 
     # Samples from the trained quickstart model (DDIM 25, guidance 1.5).
-    net, spec = load_model(args.checkpoint)
-    sc = SampleConfig(sampler="ddim", steps=25, guidance_scale=1.5, batch_size=250)
-    labels = balanced_labels(args.num, spec.num_classes) if spec.num_classes else None
-    t0 = time.perf_counter()
-    samples = generate(net, spec, sc, num_samples=args.num, labels=labels).images
-    out["sampling_seconds"] = time.perf_counter() - t0
-
-    data_cfg = spec.config.data
+    net, card = load_model(args.checkpoint)
+    data_cfg = load_config(args.config).data
     train, holdout = split_dataset(
         load_dataset(data_cfg), holdout_fraction=data_cfg.holdout_fraction, seed=data_cfg.split_seed
     )
+    if train.sha256() != card.dataset_sha256:
+        raise SystemExit(
+            f"{args.checkpoint} was not trained on the training split of {args.config}'s data "
+            "section; pass the --config it was trained with"
+        )
+    # Every knob fixed here (not the card's), as before; class-balanced labels (0, 1, ..., K-1,
+    # 0, ...) are generate's default for a class model.
+    knobs = SamplingDefaults(sampler="ddim", steps=25, guidance_scale=1.5)
+    request = SampleRequest(**knobs.model_dump(), batch_size=250, num_samples=args.num)
+    t0 = time.perf_counter()
+    samples = generate(net, card, request).images
+    out["sampling_seconds"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     judge = train_classifier(train, holdout)
     out["classifier_seconds"] = time.perf_counter() - t0

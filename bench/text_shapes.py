@@ -22,17 +22,12 @@ from pathlib import Path
 import torch
 
 from diffusion_core.config import load_config
-from diffusion_core.data import (
-    SHAPE_COLOURS,
-    SHAPE_NAMES,
-    SHAPE_POSITIONS,
-    load_dataset,
-    shape_caption,
-    split_dataset,
-)
-from diffusion_core.sampling import generate
-from diffusion_core.shapes_eval import adherence, detect, parse_caption
-from diffusion_core.training import load_model, train
+from diffusion_core.data import load_dataset, split_dataset
+from diffusion_core.data.shapes import SHAPE_COLOURS, SHAPE_NAMES, SHAPE_POSITIONS, shape_caption
+from diffusion_core.evaluation.shapes import adherence, detect, parse_caption
+from diffusion_core.model import load_model
+from diffusion_core.sampling import SampleRequest, generate
+from diffusion_core.training import train
 
 
 def held_out_prompts(every: int) -> list[str]:
@@ -69,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train(cfg, train_set, args.out, progress=False)
     train_seconds = time.perf_counter() - t0
-    net, spec = load_model(result.checkpoint)
+    net, card = load_model(result.checkpoint)
     print(
         f"trained {result.steps} steps in {train_seconds:.0f} s on {len(train_set)} images "
         f"({len(seen)} prompts; {len(unseen)} held out)"
@@ -78,9 +73,11 @@ def main() -> None:
     rows = []
     prompts = seen + unseen * args.unseen_repeats
     for scale in [float(s) for s in args.scales.split(",")]:
-        sc = spec.config.sample.model_copy(update={"guidance_scale": scale})
+        request = SampleRequest(
+            guidance_scale=scale, num_samples=len(prompts), prompts=tuple(prompts)
+        )
         t1 = time.perf_counter()
-        samples = generate(net, spec, sc, num_samples=len(prompts), prompts=prompts)
+        samples = generate(net, card, request)
         seconds = time.perf_counter() - t1
         images = samples.images
         on_seen = adherence(images[: len(seen)], seen)
@@ -106,9 +103,9 @@ def main() -> None:
     assert all(parse_caption(p) for p in prompts)
     summary = {
         "config": args.config,
-        "steps": spec.config.train.steps,
+        "steps": cfg.train.steps,
         "train_seconds": round(train_seconds, 1),
-        "sampler": f"{spec.config.sample.sampler} {spec.config.sample.steps} steps",
+        "sampler": f"{card.sampling.sampler} {card.sampling.steps} steps",
         "held_out": unseen,
         "rows": rows,
     }

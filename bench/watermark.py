@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from diffusion_core import watermark as wm  # noqa: E402
 from diffusion_core.config import DataConfig  # noqa: E402
 from diffusion_core.data import load_dataset  # noqa: E402
+from diffusion_core.io import psnr as image_psnr  # noqa: E402
 
 KEY = wm.WatermarkKey(b"bench-key-0123456789abcdef", source="bench")
 OTHER_KEY = wm.WatermarkKey(b"bench-other-key-0123456789", source="bench")
@@ -78,7 +79,7 @@ def measure(images: torch.Tensor, strength: float) -> dict[str, float]:
     parts, embed_rate, embed_cpu = timed(mark, images)
     marked = torch.cat(parts)
     _, decode_rate, decode_cpu = timed(lambda x: wm.decode(x, KEY, strength=strength), marked)
-    psnr = np.array([wm.psnr(a, b) for a, b in zip(images, marked, strict=True)])
+    psnr = np.array([image_psnr(a, b) for a, b in zip(images, marked, strict=True)])
     row: dict[str, float] = {
         "images": len(images),
         "psnr_mean": float(psnr.mean()),
@@ -94,8 +95,10 @@ def measure(images: torch.Tensor, strength: float) -> dict[str, float]:
     s_marked = wm._correlations(marked.numpy().astype(np.float64), c)
     # The spread of an unmarked image's correlation: what additive spread spectrum would face.
     row["host_correlation_std"] = float(wm._correlations(images.numpy().astype(float), c).std())
-    channels = {name: wm.round_trip(marked, jpeg_quality=quality)
-                for name, quality in (("png", None), ("jpeg90", 90), ("jpeg75", 75))}  # fmt: skip
+    channels = {
+        name: wm.round_trip(marked, jpeg_quality=quality)
+        for name, quality in (("png", None), ("jpeg90", 90), ("jpeg75", 75))
+    }
     if images.shape[1] == 3:
         channels["jpeg90_rgb"] = jpeg_as_rgb(marked, 90)
     for name, channel in channels.items():

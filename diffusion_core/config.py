@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,10 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A config section: unknown keys are errors; the string under a field is its description
+    (the README's configuration reference is generated from them: ``docs/config_reference.py``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 DatasetKind = Literal[
@@ -31,14 +35,25 @@ VOLUME_KINDS = frozenset({"volumes", "volume_folder"})
 
 
 class DataConfig(StrictModel):
+    """The dataset: where it comes from, its size and its train/holdout split."""
+
     kind: DatasetKind = "digits"
-    image_size: int = Field(16, ge=4, le=1024)  # the side of a square image or cubic volume
-    channels: Literal[1, 3] | None = None  # None keeps the source's own channel count
-    root: str | None = None  # image/volume folder URL (any fsspec URL) or torchvision root
-    download: bool = False  # torchvision sets only: fetch when missing
+    """digits (scikit-learn's, offline), folder, mnist, fashion_mnist, cifar10, shapes (captioned,
+    synthetic), volumes (synthetic 3-D), volume_folder (.npy)."""
+    image_size: int = Field(16, ge=4, le=1024)
+    """The side of a square image or cubic volume."""
+    channels: Literal[1, 3] | None = None
+    """1 or 3; unset keeps the source's own channel count."""
+    root: str | None = None
+    """Image or volume folder (any fsspec URL), or the torchvision root."""
+    download: bool = False
+    """torchvision sets only: fetch them when missing."""
     holdout_fraction: float = Field(0.165, gt=0.0, lt=1.0)
+    """Share of the data held out for evaluation (the reference set)."""
     split_seed: int = 0
-    num_samples: int = Field(2000, ge=1)  # synthetic sets only
+    """Seed of the train/holdout split (and of the synthetic sets)."""
+    num_samples: int = Field(2000, ge=1)
+    """Synthetic sets only: how many items to draw."""
 
     @model_validator(mode="after")
     def _root_required(self) -> DataConfig:
@@ -51,61 +66,127 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
+    """The U-Net."""
+
     base_channels: int = Field(32, ge=8)
+    """Channels of the first level."""
     channel_mults: tuple[int, ...] = (1, 2, 2)
+    """Channel multiplier of each level (one level per entry; each halves the resolution)."""
     num_res_blocks: int = Field(1, ge=1)
+    """Residual blocks per level."""
     attention_resolutions: tuple[int, ...] = (8,)
+    """Feature-map sides with self-attention."""
     num_heads: int = Field(4, ge=1)
+    """Attention heads."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout in the residual blocks."""
     class_conditional: bool = True
-    context_dim: int | None = None  # width of text token states for cross-attention
-    dims: Literal[2, 3] = 2  # 2: images (B, C, H, W); 3: volumes (B, C, D, H, W)
+    """Condition on class labels (with a null class for classifier-free guidance)."""
+    context_dim: int | None = None
+    """Width of the text token states for cross-attention; unset takes the text encoder's."""
+    dims: Literal[2, 3] = 2
+    """2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W)."""
 
 
 class DiffusionConfig(StrictModel):
+    """The forward process and what the network predicts."""
+
     schedule: Literal["linear", "cosine", "sigmoid"] = "linear"
+    """Noise schedule of the betas."""
     num_steps: int = Field(1000, ge=2)
+    """Training timesteps T."""
     prediction: Literal["eps", "v", "x0"] = "eps"
+    """What the network predicts: the noise, v or the clean image."""
     min_snr_gamma: float | None = Field(None, gt=0.0)
+    """Min-SNR loss weighting with this gamma; unset weighs every timestep alike."""
 
 
 class TrainConfig(StrictModel):
+    """The optimisation."""
+
     steps: int = Field(2000, ge=1)
+    """Optimizer steps."""
     batch_size: int = Field(128, ge=1)
+    """Global batch (split across processes under torchrun)."""
     lr: float = Field(2e-3, gt=0.0)
+    """AdamW learning rate after warm-up."""
     weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(100, ge=0)
+    """Linear learning-rate warm-up."""
     grad_clip: float | None = Field(1.0, gt=0.0)
+    """Gradient-norm clipping; unset: none."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)) early on
+    """Decay of the EMA weights (the weights that sample)."""
+    ema_warmup: bool = True
+    """EMA decay min(ema_decay, (1 + step) / (10 + step)) early on."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of labels replaced by the null class (for classifier-free guidance)."""
     precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast or fp32."""
     compile: bool = False
+    """torch.compile the network."""
     checkpoint_every: int = Field(500, ge=1)
+    """Steps between checkpoints (an interrupted run resumes from the last)."""
     log_every: int = Field(50, ge=1)
+    """Steps between loss records."""
     seed: int = 0
+    """Seed of the initial weights, the data order, timesteps and noise."""
     num_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch; unset: torch's default."""
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
+Spacing = Literal["leading", "trailing", "linspace"]
+Variance = Literal["fixed_small", "fixed_large"]
 
 
-class SampleConfig(StrictModel):
+class SamplingDefaults(StrictModel):
+    """How a model samples unless a request says otherwise: the part of ``sample:`` that a model
+    card carries (``diffusion_core.model.ModelCard.sampling``)."""
+
     sampler: SamplerName = "ddim"
+    """ddpm, ddim or dpmpp_2m (DPM-Solver++(2M))."""
     steps: int = Field(50, ge=1)
-    spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    """Sampling steps (one network evaluation each; a guided step is one 2B batch)."""
+    spacing: Spacing = "leading"
+    """How the steps are spread over the training timesteps."""
     guidance_scale: float = Field(1.0, ge=0.0)
+    """Classifier-free guidance scale (1: none)."""
     eta: float = Field(0.0, ge=0.0)
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
+    """DDIM's eta (0 deterministic, 1 DDPM-like)."""
+    variance: Variance = "fixed_small"
+    """DDPM's posterior variance (beta tilde) or beta."""
     clip_x0: bool = True
-    num_samples: int = Field(64, ge=1)
+    """Clip the x0 prediction to [-1, 1] at every step."""
+
+
+SAMPLING_KNOBS = tuple(SamplingDefaults.model_fields)
+
+
+class SampleConfig(SamplingDefaults):
+    """Sampling: the knobs a model card keeps as its defaults, and the batches, seed and prompts
+    of the pipeline's samples (how many: ``pipeline.num_samples``). Knobs set here override the
+    card's when a registered model is evaluated."""
+
     batch_size: int = Field(256, ge=1)
+    """Samples per network batch."""
     seed: int = 0
-    prompts: tuple[str, ...] = ()  # text-conditioned models: samples cycle through these
+    """Sample i starts from the noise of seed ``seed * 10**6 + i``."""
+    prompts: tuple[str, ...] = ()
+    """Text models: the samples cycle through these prompts."""
+
+    def defaults(self) -> SamplingDefaults:
+        """The sampling knobs of this section (explicit or default) as a card's defaults."""
+        return SamplingDefaults(**{k: getattr(self, k) for k in SAMPLING_KNOBS})
+
+    def overrides(self) -> dict[str, Any]:
+        """The sampling knobs this section sets explicitly (the rest comes from the card)."""
+        return {k: getattr(self, k) for k in SAMPLING_KNOBS if k in self.model_fields_set}
 
 
 class TextConfig(StrictModel):
-    """Text conditioning on a frozen open_clip text encoder (see ``diffusion_core.clip``).
+    """Text conditioning on a frozen open_clip text encoder (see ``diffusion_core.text``).
 
     ``model``: a built-in open_clip name, a JSON model config file or ``local-dir:/path``.
     ``pretrained``: a local weights file or fsspec URL (checked against ``sha256`` when given),
@@ -114,12 +195,20 @@ class TextConfig(StrictModel):
     """
 
     model: str
+    """open_clip model: a built-in name, a JSON model config (relative: beside the config file)
+    or local-dir:/path."""
     pretrained: str | None = None
+    """Weights: a file or fsspec URL, an open_clip hub tag, or unset for random weights."""
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    """Expected sha256 of the weights file."""
     download: bool = False
-    seed: int = 0  # initialises random weights when pretrained is None
-    use_pooled: bool = True  # the pooled prompt embedding is added to the time embedding
-    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)  # captions replaced by "" in training
+    """Allow fetching a hub tag."""
+    seed: int = 0
+    """Seed of random weights (when pretrained is unset)."""
+    use_pooled: bool = True
+    """Add the pooled prompt embedding to the time embedding."""
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of captions replaced by the empty prompt in training."""
 
 
 MaskKind = Literal["centre", "strokes", "half"]
@@ -130,11 +219,17 @@ class InpaintEvalConfig(StrictModel):
     """Inpainting evaluation on holdout images: RePaint against plain replacement."""
 
     enabled: bool = False
-    num_images: int = Field(32, ge=1)  # holdout images, each inpainted once per mask and method
+    """Run the inpainting evaluation after the main one."""
+    num_images: int = Field(32, ge=1)
+    """Holdout images, each inpainted once per mask and method."""
     masks: tuple[MaskKind, ...] = Field(MASK_KINDS, min_length=1)
-    jump_length: int = Field(10, ge=1)  # RePaint's jump length j
-    resample: int = Field(10, ge=2)  # RePaint's resampling count r (1 is the replacement baseline)
-    seed: int = 0  # for the stroke masks
+    """Standard masks: centre box, seeded strokes, half image."""
+    jump_length: int = Field(10, ge=1)
+    """RePaint's jump length j."""
+    resample: int = Field(10, ge=2)
+    """RePaint's resampling count r (plain replacement, r = 1, always runs beside it)."""
+    seed: int = 0
+    """Seed of the stroke masks."""
 
     @model_validator(mode="after")
     def _distinct_masks(self) -> InpaintEvalConfig:
@@ -154,21 +249,32 @@ class WatermarkConfig(StrictModel):
     """
 
     enabled: bool = False
+    """Mark the published images with the model's name tag and version."""
     key_env: str = Field("DIFFPIPE_WATERMARK_KEY", min_length=1)
+    """Environment variable holding the key."""
     key_file: str | None = None
+    """File holding the key (wins over key_env)."""
     strength: float = Field(18.0, gt=0.0, le=128.0)
+    """Quantisation step in grey levels (the verifier must use the same)."""
 
 
 class PipelineConfig(StrictModel):
     """Where a pipeline run keeps things, and how much it samples."""
 
-    artefact_root: str | None = None  # default: file://$DIFFPIPE_HOME/artefacts
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI or sqlite under DIFFPIPE_HOME
-    model_name: str | None = None  # registered model name; default: the config's name
-    num_samples: int = Field(1000, ge=2)  # samples drawn for safety filtering and evaluation
-    shards: int = Field(2, ge=1)  # sampling tasks run in parallel
+    artefact_root: str | None = None
+    """Where artefacts live (a path, file:// or s3://); unset: file://$DIFFPIPE_HOME/artefacts."""
+    tracking_uri: str | None = None
+    """MLflow tracking and registry; unset: MLFLOW_TRACKING_URI or SQLite under DIFFPIPE_HOME."""
+    model_name: str | None = None
+    """Registered model name; unset: the config's name."""
+    num_samples: int = Field(1000, ge=2)
+    """Samples drawn for safety filtering and evaluation."""
+    shards: int = Field(2, ge=1)
+    """Sampling tasks (the samples are the same whatever the sharding)."""
     inpainting: InpaintEvalConfig = InpaintEvalConfig()
+    """The inpainting evaluation."""
     watermark: WatermarkConfig = WatermarkConfig()
+    """The watermark on published images."""
 
 
 class DetectorConfig(StrictModel):
@@ -177,8 +283,11 @@ class DetectorConfig(StrictModel):
     thresholds among them) it is built with; checked when the chain is built."""
 
     name: str = Field(min_length=1)
+    """sanity, memorisation, concept, or a plug-in's name."""
     enabled: bool = True
+    """Run this detector."""
     params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword parameters of the detector (its thresholds among them)."""
 
 
 class SafetyConfig(StrictModel):
@@ -189,6 +298,7 @@ class SafetyConfig(StrictModel):
         DetectorConfig(name="sanity"),
         DetectorConfig(name="memorisation"),
     )
+    """The chain, in order: each entry a name, enabled and params."""
 
     @model_validator(mode="after")
     def _names_unique_and_one_enabled(self) -> SafetyConfig:
@@ -205,7 +315,9 @@ class SweepSetting(StrictModel):
     """One sampler setting of the quality-vs-cost sweep."""
 
     sampler: SamplerName
+    """The sampler."""
     steps: int = Field(ge=1)
+    """Its steps."""
 
 
 EvaluationExtractor = Literal["domain", "inception-v3-compat"]
@@ -215,15 +327,25 @@ class EvaluationConfig(StrictModel):
     """How samples are judged: the feature extractor, the sample counts, the intervals, and an
     optional sweep of sampler settings (each run at ``sweep_num_samples`` samples)."""
 
-    extractor: EvaluationExtractor = "domain"  # domain: the dataset's own classifier
-    weights: str | None = None  # inception-v3-compat only: a local path or fsspec URL
+    extractor: EvaluationExtractor = "domain"
+    """Features of FID/KID/precision/recall: domain (the dataset's own classifier, offline) or
+    inception-v3-compat (weights from ``weights``)."""
+    weights: str | None = None
+    """inception-v3-compat only: a local path or fsspec URL of the weights."""
     weights_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
-    num_samples: int | None = Field(None, ge=4)  # published samples evaluated; None: all
+    """Expected sha256 of the Inception weights."""
+    num_samples: int | None = Field(None, ge=4)
+    """Published samples evaluated; unset: all."""
     interval_draws: int = Field(100, ge=2)
+    """Half-sample draws of the FID and KID intervals."""
     interval_level: float = Field(0.95, gt=0.0, lt=1.0)
+    """Level of the intervals."""
     batch_size: int = Field(64, ge=1)
+    """Feature-extraction batch."""
     sweep: tuple[SweepSetting, ...] = ()
+    """Sampler settings to sweep (quality against cost): a list of {sampler, steps}."""
     sweep_num_samples: int = Field(500, ge=4)
+    """Samples per sweep setting."""
 
     @model_validator(mode="after")
     def _weights_for_extractor(self) -> EvaluationConfig:
@@ -246,7 +368,11 @@ class EvaluationConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
+    """A run: the model card's sections (model, diffusion, text), the data and training, and the
+    pipeline's sections (sample, safety, evaluation, pipeline)."""
+
     name: str = "diffpipe"
+    """The run's name (and the registered model's, unless pipeline.model_name)."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -256,6 +382,7 @@ class RunConfig(StrictModel):
     evaluation: EvaluationConfig = EvaluationConfig()
     safety: SafetyConfig = SafetyConfig()
     text: TextConfig | None = None
+    """Text conditioning (unset: class labels or none)."""
 
     @model_validator(mode="after")
     def _volume_memorisation_in_pixels(self) -> RunConfig:
@@ -275,6 +402,17 @@ class RunConfig(StrictModel):
         if self.text is not None and self.model.class_conditional:
             raise ValueError("text conditioning needs model.class_conditional: false")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        sample = data.get("sample") if isinstance(data, dict) else None
+        if isinstance(sample, dict) and "num_samples" in sample:
+            raise ValueError(
+                "sample.num_samples is no longer read: the pipeline draws pipeline.num_samples "
+                "samples and `diffpipe sample` takes --num; remove the key"
+            )
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -314,8 +452,35 @@ class RunConfig(StrictModel):
 
     def hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return _digest(self.to_dict())
+
+    def training_identity(self, dataset_sha256: str) -> str:
+        """sha256 of what changes the trained weights: the model, diffusion, text and train
+        sections (without the bookkeeping of :data:`TRAIN_BOOKKEEPING`) and the dataset's
+        content. Sampling, safety, evaluation, watermark and sharding never enter it, so
+        changing them never retrains."""
+        return _digest(
+            {
+                "model": self.model.model_dump(mode="json"),
+                "diffusion": self.diffusion.model_dump(mode="json"),
+                "text": None if self.text is None else self.text.model_dump(mode="json"),
+                "train": self.train.model_dump(mode="json", exclude=set(TRAIN_BOOKKEEPING)),
+                "dataset_sha256": dataset_sha256,
+            }
+        )
+
+
+# Train settings that decide when to log and save, not what the weights become.
+TRAIN_BOOKKEEPING = ("checkpoint_every", "log_every", "num_threads")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def diffpipe_home() -> Path:
+    """``$DIFFPIPE_HOME`` as an absolute path; ``./.diffpipe`` when unset or empty."""
+    return Path(os.path.expanduser(os.environ.get("DIFFPIPE_HOME") or ".diffpipe")).absolute()
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
@@ -344,8 +509,23 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> RunConfig
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with dotted-key ``overrides`` (``{"train.steps": 100}``) set."""
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read YAML from ``path``, apply dotted-key ``overrides`` and validate."""
+    """Read YAML from ``path``, apply dotted-key ``overrides`` and validate.
+
+    A text encoder given as a relative JSON model config (``text.model: clip/x.json``) that does
+    not exist relative to the working directory is looked up beside the config file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -353,10 +533,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return parse_config(data, source=str(path))
+    cfg = parse_config(apply_overrides(data, overrides), source=str(path))
+    if cfg.text is not None and cfg.text.model.endswith(".json"):
+        model = Path(cfg.text.model).expanduser()
+        beside = path.parent / model
+        if not model.is_absolute() and not model.exists() and beside.is_file():
+            text = cfg.text.model_copy(update={"model": str(beside.resolve())})
+            cfg = cfg.model_copy(update={"text": text})
+    return cfg

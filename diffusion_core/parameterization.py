@@ -73,6 +73,14 @@ class Cond:
 
         return Cond(rep(self.labels), rep(self.context), rep(self.pooled))
 
+    def to(self, device: torch.device | str) -> Cond:
+        """The same conditioning on ``device``."""
+
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device)
+
+        return Cond(move(self.labels), move(self.context), move(self.pooled))
+
 
 # A denoiser maps (x_t, t) to a prediction of x0; t is a (B,) long tensor of training timesteps.
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]

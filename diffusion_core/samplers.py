@@ -15,10 +15,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor
 
+from diffusion_core.config import SamplerName
 from diffusion_core.parameterization import DenoiserFn, eps_from_x0
 from diffusion_core.schedules import NoiseSchedule
 
@@ -190,11 +193,22 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, SamplerFn] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A sampler and the keyword knobs it takes besides the grid and the callback."""
+
+    fn: SamplerFn
+    knobs: tuple[str, ...] = ()
+
+
+# The names are the config's ``SamplerName`` (checked below): one list of samplers.
+SAMPLERS: dict[str, SamplerEntry] = {
+    "ddpm": SamplerEntry(sample_ddpm, ("generator", "variance")),
+    "ddim": SamplerEntry(sample_ddim, ("eta", "generator")),
+    "dpmpp_2m": SamplerEntry(sample_dpmpp_2m),
 }
+if set(SAMPLERS) != set(get_args(SamplerName)):
+    raise ImportError(f"samplers {sorted(SAMPLERS)} differ from config's {get_args(SamplerName)}")
 
 
 def run_sampler(
@@ -210,22 +224,9 @@ def run_sampler(
     callback: Callback | None = None,
 ) -> Tensor:
     """Run the sampler ``name``, passing it only the knobs it takes (the others are ignored)."""
-    if name == "ddpm":
-        if generator is None:
-            raise ValueError("sampler 'ddpm' needs a torch.Generator for its noise, got None")
-        return sample_ddpm(
-            denoiser,
-            x,
-            timesteps,
-            schedule,
-            generator=generator,
-            variance=variance,
-            callback=callback,
-        )
-    if name == "ddim":
-        return sample_ddim(
-            denoiser, x, timesteps, schedule, eta=eta, generator=generator, callback=callback
-        )
-    if name == "dpmpp_2m":
-        return sample_dpmpp_2m(denoiser, x, timesteps, schedule, callback=callback)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    entry = SAMPLERS.get(name)
+    if entry is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    knobs = {"generator": generator, "eta": eta, "variance": variance}
+    taken = {k: knobs[k] for k in entry.knobs}
+    return entry.fn(denoiser, x, timesteps, schedule, callback=callback, **taken)

@@ -1,28 +1,109 @@
-"""Sampling a trained network: build the denoiser, wrap it for guidance, run a sampler."""
+"""Sampling a trained network: one request type, merged with the model card's defaults in one
+place, and two entry points, :func:`generate` and :func:`inpaint`.
+
+A :class:`SampleRequest` names what the caller wants (how many, which classes or prompts, the
+seed) and any sampling knob it wants to change; a knob left out takes the card's default
+(``ModelCard.sampling``). The command line, the MLflow model, the pipeline and the benchmarks all
+build requests; :meth:`SampleRequest.knobs` is the only place where the two are merged.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from diffusion_core.clip import ClipModel
-from diffusion_core.config import SampleConfig
-from diffusion_core.guidance import ClassifierFreeGuidance, inpaint
+from diffusion_core.config import (
+    SAMPLING_KNOBS,
+    SampleConfig,
+    SamplerName,
+    SamplingDefaults,
+    Spacing,
+    StrictModel,
+    Variance,
+)
+from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.io import read_mask, to_grey
+from diffusion_core.model import ModelCard
 from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser, DenoiserFn
+from diffusion_core.repaint import inpaint as repaint
 from diffusion_core.samplers import run_sampler
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
 from diffusion_core.text import (
     NULL_PROMPT,
+    ClipModel,
     check_encoder,
     cycle_prompts,
     load_text_encoder,
     text_cond,
 )
-from diffusion_core.training import ModelSpec
+
+DEFAULT_NUM_SAMPLES = 8  # when a request names neither a count nor labels nor prompts
+
+
+class SampleRequest(StrictModel):
+    """What to sample. Every sampling knob left None takes the model card's default."""
+
+    sampler: SamplerName | None = None
+    steps: int | None = Field(None, ge=1)
+    spacing: Spacing | None = None
+    guidance_scale: float | None = Field(None, ge=0.0)
+    eta: float | None = Field(None, ge=0.0)
+    variance: Variance | None = None
+    clip_x0: bool | None = None
+    num_samples: int | None = Field(None, ge=1)
+    labels: tuple[int, ...] | None = None  # one for all samples, or one each
+    prompts: tuple[str, ...] | None = None  # text models: samples cycle through these
+    seed: int = 0
+    batch_size: int = Field(256, ge=1)
+
+    @classmethod
+    def from_config(cls, sc: SampleConfig, **fields: Any) -> SampleRequest:
+        """The pipeline's ``sample:`` section as a request: the knobs it sets explicitly
+        override the card, the rest are the card's; ``fields`` set anything else."""
+        base = {
+            **sc.overrides(),
+            "seed": sc.seed,
+            "batch_size": sc.batch_size,
+            "prompts": sc.prompts or None,
+        }
+        return cls(**(base | fields))
+
+    def knobs(self, card: ModelCard) -> SamplingDefaults:
+        """The sampling knobs of this request: its own where given, else the card's."""
+        given = {k: getattr(self, k) for k in SAMPLING_KNOBS if getattr(self, k) is not None}
+        return card.sampling.model_copy(update=given)
+
+    def count(self) -> int:
+        """How many samples: ``num_samples``, else one per label or prompt given."""
+        if self.num_samples is not None:
+            return self.num_samples
+        given = self.labels or self.prompts
+        return len(given) if given else DEFAULT_NUM_SAMPLES
+
+
+class InpaintRequest(SampleRequest):
+    """An inpainting request: RePaint's jump length and resampling count (1 = plain
+    replacement). RePaint takes DDPM steps on the grid, so ``sampler`` and ``eta`` do not apply."""
+
+    jump_length: int = Field(10, ge=1)
+    resample: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _no_sampler(self) -> InpaintRequest:
+        given = [k for k in ("sampler", "eta") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} do not apply to inpainting (RePaint takes DDPM steps); "
+                "leave them out"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -31,6 +112,7 @@ class Samples:
     labels: Tensor | None  # (N,) long, the requested classes
     seeds: Tensor  # (N,) long: sample i's initial noise is drawn from seed[i]
     nfe: int  # network evaluations per sample (guided batches count once)
+    knobs: SamplingDefaults  # the sampling settings used
     prompts: list[str] | None = None  # text-conditioned models: sample i's prompt
 
 
@@ -39,9 +121,10 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def balanced_labels(n: int, num_classes: int) -> Tensor:
-    """0, 1, ..., K-1, 0, 1, ... : as equal a share per class as n allows."""
-    return torch.arange(n) % num_classes
+def balanced_labels(n: int, num_classes: int, *, offset: int = 0) -> Tensor:
+    """Labels of samples ``offset .. offset + n - 1`` of a run cycling 0, 1, ..., K-1, 0, ...:
+    as equal a share per class as the run allows."""
+    return (offset + torch.arange(n)) % num_classes
 
 
 def _initial_noise(seeds: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -50,196 +133,218 @@ def _initial_noise(seeds: Tensor, shape: tuple[int, ...], device: torch.device) 
     return torch.stack(out).to(device)
 
 
-def _denoiser(
-    net: nn.Module, spec: ModelSpec, sc: SampleConfig, labels: Tensor | None
+def _schedule(card: ModelCard) -> NoiseSchedule:
+    return NoiseSchedule.from_name(card.diffusion.schedule, card.diffusion.num_steps)
+
+
+def _guided(base: Denoiser, cond: Cond, null: Cond, scale: float) -> DenoiserFn:
+    return base.with_cond(cond) if scale == 1.0 else ClassifierFreeGuidance(base, cond, null, scale)
+
+
+def class_denoiser(
+    net: nn.Module, card: ModelCard, knobs: SamplingDefaults, labels: Tensor | None
 ) -> DenoiserFn:
-    schedule = NoiseSchedule.from_name(
-        spec.config.diffusion.schedule, spec.config.diffusion.num_steps
-    )
+    """The denoiser for class ``labels`` (None: unconditional), guided at the knobs' scale with
+    the null class as the unconditional branch."""
     base = Denoiser(
-        net, schedule, PREDICTIONS[spec.config.diffusion.prediction], clip_x0=sc.clip_x0
+        net, _schedule(card), PREDICTIONS[card.diffusion.prediction], clip_x0=knobs.clip_x0
     )
     if labels is None:
         return base
-    cond = Cond(labels=labels)
-    if sc.guidance_scale == 1.0:
-        return base.with_cond(cond)
-    assert spec.num_classes is not None
-    null = Cond(labels=torch.full_like(labels, spec.num_classes))
-    return ClassifierFreeGuidance(base, cond, null, sc.guidance_scale)
+    assert card.num_classes is not None
+    null = Cond(labels=torch.full_like(labels, card.num_classes))
+    return _guided(base, Cond(labels=labels), null, knobs.guidance_scale)
 
 
-def _text_denoiser(
-    net: nn.Module, spec: ModelSpec, sc: SampleConfig, encoder: ClipModel, prompts: list[str]
+def text_denoiser(
+    net: nn.Module,
+    card: ModelCard,
+    knobs: SamplingDefaults,
+    encoder: ClipModel,
+    prompts: Sequence[str],
 ) -> DenoiserFn:
-    """Prompt-conditioned denoiser; guidance takes the empty prompt as the unconditional branch."""
-    schedule = NoiseSchedule.from_name(
-        spec.config.diffusion.schedule, spec.config.diffusion.num_steps
-    )
+    """The denoiser for ``prompts``; guidance takes the empty prompt as the unconditional branch."""
+    assert card.text is not None
     base = Denoiser(
-        net, schedule, PREDICTIONS[spec.config.diffusion.prediction], clip_x0=sc.clip_x0
+        net, _schedule(card), PREDICTIONS[card.diffusion.prediction], clip_x0=knobs.clip_x0
     )
-    assert spec.config.text is not None
-    use_pooled = spec.config.text.use_pooled
     device = next(net.parameters()).device
-    cond = text_cond(encoder, prompts, use_pooled=use_pooled)
-    cond = Cond(context=_to(cond.context, device), pooled=_to(cond.pooled, device))
-    if sc.guidance_scale == 1.0:
-        return base.with_cond(cond)
-    null = text_cond(encoder, [NULL_PROMPT] * len(prompts), use_pooled=use_pooled)
-    null = Cond(context=_to(null.context, device), pooled=_to(null.pooled, device))
-    return ClassifierFreeGuidance(base, cond, null, sc.guidance_scale)
-
-
-def _to(x: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if x is None else x.to(device)
+    use_pooled = card.text.use_pooled
+    cond = text_cond(encoder, prompts, use_pooled=use_pooled).to(device)
+    null = text_cond(encoder, [NULL_PROMPT] * len(prompts), use_pooled=use_pooled).to(device)
+    return _guided(base, cond, null, knobs.guidance_scale)
 
 
 _ENCODERS: dict[str, ClipModel] = {}
 
 
-def spec_text_encoder(spec: ModelSpec) -> ClipModel:
-    """The text encoder a checkpoint was trained with, rebuilt from its config and checked
-    against its record (:class:`diffusion_core.text.TextEncoderMismatch` otherwise); kept per
-    process, so repeated sampling encodes each prompt once."""
-    if spec.config.text is None or spec.text_encoder is None:
+def card_text_encoder(card: ModelCard) -> ClipModel:
+    """The text encoder a model was trained with, rebuilt from its card and checked against its
+    record (:class:`diffusion_core.text.TextEncoderMismatch` otherwise); kept per process, so
+    repeated sampling encodes each prompt once."""
+    if card.text is None or card.text_encoder is None:
         raise ValueError("this model is not text-conditioned; do not pass prompts")
-    key = json.dumps([spec.config.text.model_dump(), spec.text_encoder], sort_keys=True)
+    key = json.dumps([card.text.model_dump(mode="json"), card.text_encoder], sort_keys=True)
     if key not in _ENCODERS:
-        clip = load_text_encoder(
-            spec.config.text, model_config=spec.text_encoder.get("model_config")
-        )
-        check_encoder(clip, spec.text_encoder)
+        clip = load_text_encoder(card.text, model_config=card.text_encoder.get("model_config"))
+        check_encoder(clip, card.text_encoder)
         _ENCODERS[key] = clip
     return _ENCODERS[key]
 
 
-def validate_prompts(spec: ModelSpec, labels: Tensor | None, prompts: Sequence[str]) -> None:
-    """Prompts only for text-conditioned models, class labels only for the others."""
-    if spec.text_encoder is None:
+def request_labels(
+    card: ModelCard, request: SampleRequest, n: int, *, offset: int = 0
+) -> Tensor | None:
+    """The class of each of ``n`` samples: the request's (one for all, or one each), else
+    class-balanced for a conditional model; None for an unconditional one."""
+    if request.labels is None:
+        return (
+            None
+            if card.num_classes is None
+            else balanced_labels(n, card.num_classes, offset=offset)
+        )
+    if card.num_classes is None:
+        raise ValueError("this model is not class-conditional; do not pass class labels")
+    labels = torch.tensor(request.labels, dtype=torch.long)
+    if len(labels) not in (1, n):
+        raise ValueError(f"{len(labels)} labels for {n} samples; give one, or one per sample")
+    bad = labels[(labels < 0) | (labels >= card.num_classes)]
+    if len(bad):
+        raise ValueError(f"class label {int(bad[0])} out of range [0, {card.num_classes})")
+    return labels.expand(n).clone() if len(labels) == 1 else labels
+
+
+def request_prompts(card: ModelCard, request: SampleRequest) -> list[str] | None:
+    """The request's prompts for a text model; None for a class model (which takes none)."""
+    prompts = list(request.prompts or ())
+    if card.text_encoder is None:
         if prompts:
             raise ValueError("this model is not text-conditioned; do not pass prompts")
-        return
-    if labels is not None:
+        return None
+    if request.labels is not None:
         raise ValueError("this model is text-conditioned; pass prompts, not class labels")
     if not prompts:
         raise ValueError(
             "this model is text-conditioned: give prompts (sample.prompts or --prompt)"
         )
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must be strings, got {bad[0]!r}")
-
-
-def validate_labels(spec: ModelSpec, labels: Tensor | None) -> None:
-    if labels is None:
-        return
-    if spec.num_classes is None:
-        raise ValueError("this model is not class-conditional; do not pass class labels")
-    bad = labels[(labels < 0) | (labels >= spec.num_classes)]
-    if len(bad):
-        raise ValueError(f"class label {int(bad[0])} out of range [0, {spec.num_classes})")
+    return prompts
 
 
 @torch.no_grad()
 def generate(
     net: nn.Module,
-    spec: ModelSpec,
-    sc: SampleConfig,
+    card: ModelCard,
+    request: SampleRequest,
     *,
-    num_samples: int | None = None,
-    labels: Tensor | None = None,
-    prompts: Sequence[str] | None = None,
-    encoder: ClipModel | None = None,
-    device: torch.device | None = None,
     offset: int = 0,
+    encoder: ClipModel | None = None,
 ) -> Samples:
-    """Draw ``num_samples`` images (class-balanced for conditional models unless ``labels``).
+    """Draw ``request.count()`` samples.
 
-    Sample i starts from the noise of seed ``sample.seed * 10**6 + offset + i``, so a run split
-    into shards (each with its ``offset``) gives the same images as one call. Text-conditioned
-    models take ``prompts`` (default ``sample.prompts``); sample i gets prompt
-    ``(offset + i) % len(prompts)``. ``encoder`` defaults to the checkpoint's own.
+    Sample i starts from the noise of seed ``request.seed * 10**6 + offset + i`` and, for a class
+    model without labels, gets class ``(offset + i) % K``, so a run split into shards (each with
+    its ``offset``) gives the same images as one call. A text model's sample i gets prompt
+    ``(offset + i) % len(prompts)``; ``encoder`` defaults to the model's own.
     """
-    prompt_list = list(prompts if prompts is not None else sc.prompts)
-    if spec.text_encoder is None and prompts is None:
-        prompt_list = []  # a class-conditional model ignores sample.prompts
-    validate_prompts(spec, labels, prompt_list)
-    if prompt_list:
-        encoder = encoder or spec_text_encoder(spec)
-    n = (
-        num_samples
-        if num_samples is not None
-        else (len(labels) if labels is not None else sc.num_samples)
-    )
-    device = device or next(net.parameters()).device
-    if labels is None and spec.num_classes is not None:
-        labels = balanced_labels(n, spec.num_classes)
-    validate_labels(spec, labels)
-    schedule = NoiseSchedule.from_name(
-        spec.config.diffusion.schedule, spec.config.diffusion.num_steps
-    )
-    grid = timestep_grid(schedule.num_steps, sc.steps, spacing=sc.spacing)
-    seeds = sc.seed * 1_000_000 + offset + torch.arange(n)
-    shape = (spec.in_channels, *[spec.image_size] * spec.config.model.dims)
-    per_sample = cycle_prompts(prompt_list, n, offset=offset) if prompt_list else None
+    knobs = request.knobs(card)
+    n = request.count()
+    prompts = request_prompts(card, request)
+    labels = request_labels(card, request, n, offset=offset)
+    if prompts is not None:
+        encoder = encoder or card_text_encoder(card)
+    device = next(net.parameters()).device
+    schedule = _schedule(card)
+    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    seeds = request.seed * 1_000_000 + offset + torch.arange(n)
+    per_sample = cycle_prompts(prompts, n, offset=offset) if prompts is not None else None
     out = []
-    for start in range(0, n, sc.batch_size):
-        sl = slice(start, start + sc.batch_size)
-        batch_labels = labels[sl].to(device) if labels is not None else None
-        x_T = _initial_noise(seeds[sl], shape, device)
+    for start in range(0, n, request.batch_size):
+        sl = slice(start, start + request.batch_size)
+        x_T = _initial_noise(seeds[sl], card.sample_shape, device)
         gen = torch.Generator(device=device).manual_seed(int(seeds[sl][0]) + 7)
         if per_sample is not None:
             assert encoder is not None
-            denoiser = _text_denoiser(net, spec, sc, encoder, per_sample[sl])
+            denoiser = text_denoiser(net, card, knobs, encoder, per_sample[sl])
         else:
-            denoiser = _denoiser(net, spec, sc, batch_labels)
+            batch_labels = labels[sl].to(device) if labels is not None else None
+            denoiser = class_denoiser(net, card, knobs, batch_labels)
         x0 = run_sampler(
-            sc.sampler,
+            knobs.sampler,
             denoiser,
             x_T,
             grid,
             schedule,
             generator=gen,
-            eta=sc.eta,
-            variance=sc.variance,
+            eta=knobs.eta,
+            variance=knobs.variance,
         )
         out.append(to_uint8(x0).cpu())
-    return Samples(
-        images=torch.cat(out), labels=labels, seeds=seeds, nfe=sc.steps, prompts=per_sample
-    )
+    return Samples(torch.cat(out), labels, seeds, knobs.steps, knobs, per_sample)
 
 
 @torch.no_grad()
-def inpaint_images(
-    net: nn.Module,
-    spec: ModelSpec,
-    sc: SampleConfig,
-    known: Tensor,
-    mask: Tensor,
-    *,
-    labels: Tensor | None = None,
-    jump_length: int = 10,
-    resample: int = 10,
+def inpaint(
+    net: nn.Module, card: ModelCard, request: InpaintRequest, known: Tensor, mask: Tensor
 ) -> Tensor:
-    """Fill the region where ``mask`` is 0 in uint8 ``known`` images (B, C, H, W); RePaint."""
-    validate_labels(spec, labels)
+    """Fill the region where ``mask`` is 0 in uint8 ``known`` images (B, C, H, W) with RePaint,
+    in batches of ``request.batch_size``; the known region of the result is ``known`` exactly.
+    ``mask`` is (B or 1, 1, H, W) of {0, 1}."""
+    knobs = request.knobs(card)
+    labels = request_labels(card, request, len(known)) if request.labels is not None else None
     device = next(net.parameters()).device
-    schedule = NoiseSchedule.from_name(
-        spec.config.diffusion.schedule, spec.config.diffusion.num_steps
-    )
-    grid = timestep_grid(schedule.num_steps, sc.steps, spacing=sc.spacing)
-    x_known = known.to(device).float() / 127.5 - 1
-    gen = torch.Generator(device=device).manual_seed(sc.seed)
-    x0 = inpaint(
-        _denoiser(net, spec, sc, labels.to(device) if labels is not None else None),
-        x_known,
-        mask.to(device),
-        grid,
-        schedule,
-        generator=gen,
-        jump_length=jump_length,
-        resample=resample,
-        variance=sc.variance,
-    )
-    return to_uint8(x0).cpu()
+    schedule = _schedule(card)
+    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    out = []
+    for start in range(0, len(known), request.batch_size):
+        sl = slice(start, start + request.batch_size)
+        batch_labels = labels[sl].to(device) if labels is not None else None
+        gen = torch.Generator(device=device).manual_seed(request.seed + start)
+        x0 = repaint(
+            class_denoiser(net, card, knobs, batch_labels),
+            known[sl].to(device).float() / 127.5 - 1,
+            (mask if len(mask) == 1 else mask[sl]).to(device),
+            grid,
+            schedule,
+            generator=gen,
+            jump_length=request.jump_length,
+            resample=request.resample,
+            variance=knobs.variance,
+        )
+        out.append(to_uint8(x0).cpu())
+    return torch.cat(out)
+
+
+def inpaint_inputs(image: object, mask: object, card: ModelCard) -> tuple[Tensor, Tensor]:
+    """Request arrays to (known uint8 (N, C, H, W), mask (N or 1, 1, H, W)).
+
+    ``image``: integers in [0, 255], shaped (H, W), (H, W, C) or (N, H, W, C), at the model's
+    size; colour is taken for a one-channel model only when its channels are equal.
+    ``mask``: (H, W) for all images or (N, H, W); white (>= 128) or True or >= 0.5 = keep.
+    """
+    size, channels = card.image_size, card.in_channels
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "ui" or arr.size == 0 or arr.min() < 0 or arr.max() > 255:
+        raise ValueError(f"'image' must hold integers in [0, 255], got dtype {arr.dtype}")
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    arr = arr[None] if arr.ndim == 3 else arr
+    if arr.ndim != 4 or arr.shape[1:3] != (size, size) or arr.shape[3] not in (1, 3):
+        raise ValueError(
+            f"'image' must be (H, W), (H, W, C) or (N, H, W, C) with H = W = {size} and C in "
+            f"(1, 3), got shape {np.asarray(image).shape}"
+        )
+    arr = arr.astype(np.uint8)
+    if arr.shape[3] != channels:
+        arr = (
+            np.repeat(arr, 3, axis=3)
+            if channels == 3
+            else to_grey(arr, where="'image'", exact=True)
+        )
+    known = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)  # (N, C, H, W)
+    m = np.asarray(mask)
+    m = m[None] if m.ndim == 2 else m
+    if m.ndim != 3 or m.shape[1:] != (size, size) or len(m) not in (1, len(known)):
+        raise ValueError(
+            f"'mask' must be (H, W) or (N, H, W) matching 'image' {tuple(known.shape)}, "
+            f"got shape {np.asarray(mask).shape}"
+        )
+    return known, torch.cat([read_mask(mi) for mi in m])

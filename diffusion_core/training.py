@@ -9,25 +9,28 @@ timesteps and noise and trains on its own slice of them, so the run matches one 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffusion_core.config import RunConfig
-from diffusion_core.data import ImageDataset
+from diffusion_core.distributed import init_distributed, pick_device, rank_and_world
 from diffusion_core.losses import DiffusionLoss, draw_noise
+from diffusion_core.model import (
+    ModelCard,
+    latest_checkpoint,
+    read_state,
+    read_weights,
+    write_checkpoint,
+)
 from diffusion_core.parameterization import PREDICTIONS, Cond, Prediction
 from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.text import (
@@ -36,11 +39,26 @@ from diffusion_core.text import (
     load_text_encoder,
     resolve_context_dim,
 )
-from diffusion_core.unet import UNet, build_unet
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
+
+class TrainData(Protocol):
+    """What training reads (``diffusion_core.data.ImageDataset`` is one): uint8 images, optional
+    labels and captions, class names, and the content hash that identifies the data."""
+
+    @property
+    def images(self) -> Tensor: ...
+    @property
+    def labels(self) -> Tensor | None: ...
+    @property
+    def captions(self) -> list[str] | None: ...
+    @property
+    def class_names(self) -> list[str]: ...
+    @property
+    def source(self) -> str: ...
+    def __len__(self) -> int: ...
+    def sha256(self) -> str: ...
 
 
 class TrainingError(RuntimeError):
@@ -194,141 +212,16 @@ class BatchStream:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: a directory per step, written under a temporary name and renamed into place.
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What it takes to rebuild the network from code: saved as ``config.json``."""
-
-    config: RunConfig
-    in_channels: int
-    image_size: int
-    class_names: list[str]
-    num_classes: int | None
-    dataset_sha256: str
-    text_encoder: dict[str, Any] | None = None  # diffusion_core.text.encoder_record
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "config": self.config.to_dict(),
-            "in_channels": self.in_channels,
-            "image_size": self.image_size,
-            "class_names": self.class_names,
-            "num_classes": self.num_classes,
-            "dataset_sha256": self.dataset_sha256,
-        }
-        if self.text_encoder is not None:
-            out["text_encoder"] = self.text_encoder
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(
-            config=RunConfig.model_validate(d["config"]),
-            in_channels=int(d["in_channels"]),
-            image_size=int(d["image_size"]),
-            class_names=list(d["class_names"]),
-            num_classes=d["num_classes"],
-            dataset_sha256=str(d["dataset_sha256"]),
-            text_encoder=d.get("text_encoder"),
-        )
-
-    def build(self) -> UNet:
-        return build_unet(
-            self.config.model,
-            in_channels=self.in_channels,
-            image_size=self.image_size,
-            num_classes=self.num_classes,
-        )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    spec: ModelSpec,
-    weights: dict[str, Tensor],
-    ema: dict[str, Tensor],
-    state: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write ``root/step-XXXXXXX/`` atomically and point ``root/latest`` at it."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "weights.safetensors")
-    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    (tmp / "config.json").write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``root/latest`` names, or None when there is none yet."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "state.pt").is_file():
-        raise TrainingError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
-
-
-def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[UNet, ModelSpec]:
-    """Rebuild a network from a checkpoint directory (weights, not pickles)."""
-    path = Path(path)
-    if path.is_dir() and (path / LATEST).is_file():
-        resolved = latest_checkpoint(path)
-        assert resolved is not None
-        path = resolved
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no config.json)")
-    weights = path / ("ema.safetensors" if use_ema else "weights.safetensors")
-    return load_model_files(config_file, weights)
-
-
-def load_model_files(config_file: str | Path, weights_file: str | Path) -> tuple[UNet, ModelSpec]:
-    """Rebuild a network from its ``config.json`` and a safetensors weights file."""
-    spec = ModelSpec.from_dict(json.loads(Path(config_file).read_text()))
-    net = spec.build()
-    net.load_state_dict(load_file(Path(weights_file)))
-    return net.eval(), spec
-
-
-# ----------------------------------------------------------------------------------------------
 # The training loop.
 
 
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
-    steps: int
+    steps: int  # steps this call ran (0 when the checkpoint was already complete)
     history: list[dict[str, float]]
     images_per_second: float
+    card: ModelCard
 
 
 def _slice_cond(cond: Cond | None, part: slice) -> Cond | None:
@@ -343,7 +236,7 @@ def _slice_cond(cond: Cond | None, part: slice) -> Cond | None:
 
 
 def _prompt_table(
-    cfg: RunConfig, dataset: ImageDataset, device: torch.device
+    cfg: RunConfig, dataset: TrainData, device: torch.device
 ) -> tuple[PromptTable, dict[str, Any], RunConfig]:
     """The dataset's captions encoded once, the encoder's record and the config with
     ``model.context_dim`` set to the encoder's width."""
@@ -359,29 +252,6 @@ def _prompt_table(
     return table.to(device), encoder_record(clip, tc), cfg
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the process group when launched by ``torchrun``; True when distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
@@ -391,7 +261,7 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
 
 def train(
     cfg: RunConfig,
-    dataset: ImageDataset,
+    dataset: TrainData,
     out_dir: str | Path,
     *,
     device: torch.device | None = None,
@@ -401,12 +271,16 @@ def train(
 ) -> TrainResult:
     """Train (or resume) ``cfg`` on ``dataset``; checkpoints go under ``out_dir/checkpoints``.
 
-    ``max_steps`` stops at that global step (the run can be resumed later up to ``train.steps``).
+    A checkpoint there resumes only when it was trained with the same training identity (model,
+    diffusion, text, train and the dataset's content: ``RunConfig.training_identity``); sampling,
+    safety, evaluation and pipeline settings never enter it. ``max_steps`` stops at that global
+    step (the run can be resumed later up to ``train.steps``).
     """
+    # Long function: the one training loop, read top to bottom in commented blocks (as EDM's).
     tc = cfg.train
     device = device or pick_device()
     init_distributed(device)
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
     if tc.num_threads:
@@ -423,17 +297,22 @@ def train(
 
     # Build the network, optimizer and state.
     conditional = cfg.model.class_conditional and dataset.labels is not None
-    spec = ModelSpec(
-        config=cfg,
+    dataset_sha256 = dataset.sha256()
+    identity = cfg.training_identity(dataset_sha256)
+    card = ModelCard(
+        model=cfg.model,
+        diffusion=cfg.diffusion,
+        text=cfg.text,
+        sampling=cfg.sample.defaults(),
         in_channels=dataset.images.shape[1],
         image_size=dataset.images.shape[-1],
-        class_names=list(dataset.class_names),
+        class_names=tuple(dataset.class_names),
         num_classes=len(dataset.class_names) if conditional else None,
-        dataset_sha256=dataset.sha256(),
+        dataset_sha256=dataset_sha256,
         text_encoder=text_record,
     )
     torch.manual_seed(tc.seed)
-    net = spec.build().to(device)
+    net = card.build().to(device)
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
@@ -464,13 +343,14 @@ def train(
     history: list[dict[str, float]] = []
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
-        state = torch.load(resume_from / "state.pt", weights_only=True, map_location="cpu")
-        if state["config_hash"] != cfg.hash():
+        state = read_state(resume_from / "state.pt")
+        if state.get("training_identity") != identity:
             raise TrainingError(
-                f"{resume_from} was trained with another config; use a new output directory"
+                f"{resume_from} was trained with another model, diffusion, text or train setting "
+                "or other data; use a new output directory"
             )
-        net.load_state_dict(load_file(resume_from / "weights.safetensors"))
-        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
+        net.load_state_dict(read_weights(resume_from / "weights.safetensors"))
+        ema.load_state_dict(read_weights(resume_from / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         stream.load_state_dict(state["stream"])
@@ -482,7 +362,7 @@ def train(
 
     images = dataset.images
     labels = dataset.labels
-    null_class = spec.num_classes
+    null_class = card.num_classes
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
     start_step = step_fn.step
     bar = tqdm(total=tc.steps, initial=start_step, disable=not progress or rank != 0, unit="step")
@@ -499,12 +379,12 @@ def train(
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
-            "config_hash": cfg.hash(),
+            "training_identity": identity,
         }
         return write_checkpoint(
             ckpt_root,
             step_fn.step,
-            spec=spec,
+            card=card,
             weights=net.state_dict(),
             ema=ema.state_dict(),
             state=state,
@@ -552,9 +432,12 @@ def train(
             if not progress and rank == 0:
                 log.info(
                     "step %d/%d loss %.4f lr %.2e %.0f img/s",
-                    step_fn.step, tc.steps, record["loss"], record["lr"],
+                    step_fn.step,
+                    tc.steps,
+                    record["loss"],
+                    record["lr"],
                     record["images_per_second"],
-                )  # fmt: skip
+                )
             window_loss, window_t, window_n = 0.0, now, 0
 
         # Save a checkpoint.
@@ -573,4 +456,5 @@ def train(
         steps=step_fn.step - start_step,
         history=history,
         images_per_second=seen / elapsed if elapsed > 0 else 0.0,
+        card=card,
     )

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_core.config import ModelConfig
 from diffusion_core.parameterization import Cond
 
 MAX_GROUPS = 32
@@ -184,6 +183,7 @@ class UNet(nn.Module):
         context_dim: int | None = None,
         dims: int = 2,
     ) -> None:
+        # Long function: builds the levels in the order of the diagram (down, middle, up).
         super().__init__()
         _check_args(
             in_channels=in_channels,
@@ -359,26 +359,6 @@ def _check_args(
         raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
     if context_dim is not None and context_dim < 1:
         raise ValueError(f"context_dim must be >= 1 or None, got {context_dim}")
-
-
-def build_unet(
-    cfg: ModelConfig, *, in_channels: int, image_size: int, num_classes: int | None
-) -> UNet:
-    """The U-Net described by ``cfg``; it predicts as many channels as it takes in."""
-    return UNet(
-        in_channels=in_channels,
-        out_channels=in_channels,
-        image_size=image_size,
-        base_channels=cfg.base_channels,
-        channel_mults=tuple(cfg.channel_mults),
-        num_res_blocks=cfg.num_res_blocks,
-        attention_resolutions=tuple(cfg.attention_resolutions),
-        num_heads=cfg.num_heads,
-        dropout=cfg.dropout,
-        num_classes=num_classes if cfg.class_conditional else None,
-        context_dim=cfg.context_dim,
-        dims=cfg.dims,
-    )
 
 
 def compile_unet(net: nn.Module, *, dynamic: bool = False) -> nn.Module:

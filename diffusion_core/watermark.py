@@ -54,6 +54,9 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from diffusion_core.config import diffpipe_home
+from diffusion_core.io import AS_STORED, ImageReadError, image_tensor, open_image, read_image
+
 logger = logging.getLogger(__name__)
 
 SCHEME = "diffpipe-stdm-dct8-v1"
@@ -102,8 +105,6 @@ class WatermarkKey:
 def default_key_file() -> Path:
     """``$DIFFPIPE_HOME/watermark.key``: the key used when neither a file nor the variable is
     set (created on first use, mode 0600)."""
-    from diffusion_core.storage import diffpipe_home
-
     return diffpipe_home() / "watermark.key"
 
 
@@ -372,39 +373,18 @@ def decode(
     ]
 
 
-def psnr(reference: Tensor, other: Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of uint8 images (inf when identical)."""
-    mse = float(((reference.double() - other.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
 # ----------------------------------------------------------------------------- files
 
 
-def _pixels(img: Image.Image) -> Tensor:
-    """An open image as uint8 (1, C, H, W): greyscale stays one channel; a colour JPEG gives its
-    own Y plane (one channel: the luma the decoder reads, before chroma upsampling and the
-    conversion to RGB clip it); anything else is converted to RGB (alpha dropped)."""
-    if img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
-        img.draft("YCbCr", img.size)  # decode without the colour conversion
-        img.load()
-        arr = np.asarray(img)[..., 0] if img.mode == "YCbCr" else np.asarray(img.convert("L"))
-    elif img.mode in ("L", "LA", "1", "I", "I;16"):
-        arr = np.asarray(img.convert("L"))
-    else:
-        arr = np.asarray(img.convert("RGB"))
-    arr = arr[..., None] if arr.ndim == 2 else arr  # (H, W, C)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
-
-
 def load_image(path: str | os.PathLike[str]) -> Tensor:
-    """An image file as uint8 (1, C, H, W), as :func:`decode` wants it (see :func:`_pixels`).
-    WatermarkError names the file when it cannot be read."""
+    """An image file as uint8 (1, C, H, W), as :func:`decode` wants it: greyscale stays one
+    channel, a colour JPEG gives its own Y plane (the luma the decoder reads, before chroma
+    upsampling and the conversion to RGB clip it), anything else RGB as stored. WatermarkError
+    names the file when it cannot be read."""
     try:
-        with Image.open(path) as img:
-            return _pixels(img)
-    except (OSError, ValueError) as exc:
-        raise WatermarkError(f"{path}: cannot read image ({exc})") from None
+        return read_image(path, AS_STORED)[None]
+    except ImageReadError as exc:
+        raise WatermarkError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -453,7 +433,5 @@ def round_trip(images: Tensor, *, jpeg_quality: int | None = None) -> Tensor:
             pil.save(buffer, format="PNG")
         else:
             pil.save(buffer, format="JPEG", quality=jpeg_quality)
-        buffer.seek(0)
-        with Image.open(buffer) as img:
-            out.append(_pixels(img)[0])
+        out.append(image_tensor(open_image(buffer.getvalue(), AS_STORED)))
     return torch.stack(out) if out else images.clone()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_core.safety import DetectorResult, SafetyContext
+from diffusion_core.safety.detector import DetectorResult, SafetyContext
 
 
 class BrightnessDetector:

@@ -2,8 +2,12 @@
 
 nightly:  prepare_dataset -> train -> register -> (evaluate chain)
 evaluate: (evaluate chain) for a registered version, e.g. when registration emits its event
-evaluate chain: sample (sharded, mapped) -> safety_filter -> evaluate -> compare/promote -> report
-                (with pipeline.inpainting.enabled, inpaint_evaluate runs after evaluate)
+evaluate chain: sample (sharded, mapped) -> safety_filter -> [watermark] -> evaluate
+                -> [inpaint_evaluate] -> [sweep] -> compare/promote -> report
+
+Both flows share one run lifecycle (:class:`RunLifecycle`): an MLflow run is started, each step
+is timed, and the run ends FINISHED, or FAILED with the error raised as ``RunFailed`` naming the
+step.
 """
 
 from __future__ import annotations
@@ -11,24 +15,30 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffpipe.flows.configs import resolve_config
+from diffpipe.tasks import artifacts, registry, steps, tracking
 from prefect import flow, get_run_logger, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
-from diffusion_core import stages
-from diffusion_core.config import RunConfig, load_config, parse_config
-from diffusion_core.report import report_link_markdown
-from diffusion_core.storage import ArtefactStore, default_root, diffpipe_home
-from tasks import steps, tracking
+from diffusion_core.config import EvaluationConfig, RunConfig, diffpipe_home
+from diffusion_core.model import ModelCard
+from diffusion_core.pipeline.errors import RunFailed
+from diffusion_core.pipeline.layout import RunLayout
+from diffusion_core.pipeline.stages.dataset import DatasetRef
+from diffusion_core.pipeline.stages.evaluate import Evaluation
+from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
+from diffusion_core.pipeline.stages.report import ReportInputs
+from diffusion_core.pipeline.stages.safety import SafetyRef
+from diffusion_core.pipeline.store import ArtefactStore, default_root
+from diffusion_core.sampling import SampleRequest
 
 REGISTERED_EVENT = "diffpipe.model.registered"
 
@@ -56,21 +66,6 @@ def _ship_library_logs() -> None:
 _ship_library_logs()
 
 
-@dataclass
-class StepClock:
-    """Wall seconds per step, as the flow saw them."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 3)
-
-
 @dataclass(frozen=True)
 class Target:
     """Where a run keeps things."""
@@ -81,12 +76,67 @@ class Target:
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> Target:
-        home = diffpipe_home()
         return cls(
             artefact_root=ArtefactStore(cfg.pipeline.artefact_root or default_root()).root,
             tracking_uri=tracking.tracking_uri(cfg.pipeline.tracking_uri),
-            work_dir=str(home / "work"),
+            work_dir=str(diffpipe_home() / "work"),
         )
+
+
+@dataclass
+class RunLifecycle:
+    """One MLflow run for one flow run: steps are timed, the run ends FINISHED when the block
+    completes and FAILED when it raises (re-raised as RunFailed naming the step)."""
+
+    target: Target
+    run_id: str
+    layout: RunLayout
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(
+        cls,
+        target: Target,
+        *,
+        experiment: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        evaluation: bool = False,
+    ) -> Iterator[RunLifecycle]:
+        run_id = registry.start_run(
+            target.tracking_uri, experiment, target.artefact_root, run_name, params, tags
+        )
+        layout = RunLayout.evaluation(run_id) if evaluation else RunLayout.pipeline_run(run_id)
+        run = cls(target, run_id, layout)
+        try:
+            yield run
+        except BaseException:
+            registry.end_run(target.tracking_uri, run_id, "FAILED")
+            raise
+        seconds = {f"seconds/{k}": v for k, v in run.seconds.items()}
+        registry.log_metrics(target.tracking_uri, run_id, seconds)
+        registry.end_run(target.tracking_uri, run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        except RunFailed:
+            raise
+        except Exception as exc:
+            raise RunFailed(name, exc) from exc
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+    def timings(self) -> dict[str, Any]:
+        return {
+            "step_seconds": dict(self.seconds),
+            "wall_seconds": round(time.perf_counter() - self.started, 3),
+        }
 
 
 def emit_registered(model: tracking.ModelRef, target: Target, run_id: str) -> None:
@@ -108,83 +158,92 @@ def emit_registered(model: tracking.ModelRef, target: Target, run_id: str) -> No
     )
 
 
-def evaluate_chain(
-    cfg: RunConfig,
-    target: Target,
-    *,
-    run_id: str,
-    run_prefix: str,
-    model: tracking.ModelRef,
-    checkpoint_prefix: str,
-    dataset: stages.DatasetRef,
-    history: list[dict[str, float]],
-    clock: StepClock,
-) -> dict[str, Any]:
-    """Sample, filter, evaluate, compare and report one registered version."""
-    root, pc = target.artefact_root, cfg.pipeline
+@dataclass(frozen=True)
+class Subject:
+    """What the evaluate chain evaluates: a registered version, its checkpoint and data."""
+
+    model: tracking.ModelRef
+    checkpoint_prefix: str
+    dataset: DatasetRef
+    card: ModelCard
+    history: list[dict[str, float]]
+
+
+def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[str, Any]:
+    """Sample, filter, evaluate, compare and report one registered version with ``cfg``'s
+    sample, safety, evaluation and pipeline sections (the model's own card for the rest)."""
+    # Long function: the evaluation recipe, one step per block, read top to bottom.
+    root, uri, pc, layout = (
+        run.target.artefact_root,
+        run.target.tracking_uri,
+        cfg.pipeline,
+        run.layout,
+    )
+    model, data = subject.model, subject.dataset
+    request = SampleRequest.from_config(cfg.sample, num_samples=pc.num_samples)
     shard_size = -(-pc.num_samples // pc.shards)
-    with clock.step("sample"):
-        futures = steps.sample.map(
-            root, checkpoint_prefix, unmapped(cfg.sample.model_dump(mode="json")),
-            f"{run_prefix}/samples", shard=list(range(pc.shards)), shard_size=shard_size,
-            total=pc.num_samples,
-        )  # fmt: skip
-        shards = [f.result() for f in futures]
-    with clock.step("safety_filter"):
-        safety = steps.safety_filter(
-            root, shards, dataset, f"{run_prefix}/safety", cfg.safety.model_dump(mode="json")
+    with run.step("sample"):
+        futures = steps.sample_shard.map(
+            root,
+            subject.checkpoint_prefix,
+            unmapped(request),
+            layout.samples,
+            shard=list(range(pc.shards)),
+            shard_size=shard_size,
         )
+        shards = [f.result() for f in futures]
+    with run.step("safety_filter"):
+        safety = steps.safety_filter(root, shards, data, layout.safety, cfg.safety)
     mark = None
     if pc.watermark.enabled:  # only the published images, before anything reads them
-        with clock.step("watermark"):
-            mark = steps.watermark(root, safety, model, run_id, f"{run_prefix}/published",
-                                   pc.watermark.model_dump(mode="json"))  # fmt: skip
+        with run.step("watermark"):
+            mark = steps.watermark_published(
+                root, safety, model.name, model.version, run.run_id, layout.published, pc.watermark
+            )
         safety = mark.safety  # evaluation and the report read the marked images
-    with clock.step("evaluate"):
-        evaluation = steps.evaluate(
-            root, safety, dataset, cfg.sample.model_dump(mode="json"), f"{run_prefix}/metrics.json",
-            cfg.evaluation.model_dump(mode="json"),
-        )  # fmt: skip
+    with run.step("evaluate"):
+        evaluation = steps.evaluate_samples(
+            root, safety, data, shards, request.seed, layout.metrics, cfg.evaluation
+        )
     inpainting = None
     if pc.inpainting.enabled:
-        with clock.step("inpaint_evaluate"):
-            inpainting = steps.inpaint_evaluate(
-                root, checkpoint_prefix, dataset, cfg.sample.model_dump(mode="json"),
-                pc.inpainting.model_dump(mode="json"), f"{run_prefix}/inpainting",
-            )  # fmt: skip
+        with run.step("inpaint_evaluate"):
+            inpainting = steps.evaluate_inpainting(
+                root, subject.checkpoint_prefix, data, request, pc.inpainting, layout.inpainting
+            )
     sweep = None
     if cfg.evaluation.sweep:
-        with clock.step("sweep"):
-            sweep = steps.sweep(
-                root, checkpoint_prefix, dataset, cfg.to_dict(), f"{run_prefix}/sweep"
+        with run.step("sweep"):
+            sweep = steps.sweep_samplers(
+                root, subject.checkpoint_prefix, data, request, cfg.evaluation, layout.sweep
             )
-    with clock.step("compare"):
-        decision = steps.compare_promote(target.tracking_uri, model, evaluation)
-    comparison = tracking.report_rows(tracking.comparison_table(target.tracking_uri, model.name))
-    with clock.step("report"):
-        report_url = steps.report(
+    with run.step("compare"):
+        decision = registry.compare_promote(uri, model, evaluation)
+        comparison = registry.comparison_rows(uri, model.name)
+    with run.step("report"):
+        report_url = steps.make_report(
             root,
-            stages.ReportInputs(
-                run_prefix=run_prefix, run_id=run_id, model_name=model.name,
-                model_version=model.version, config=cfg.to_dict(), dataset=dataset,
-                safety=safety, metrics=evaluation.metrics, history=history,
-                comparison=comparison, promotion=decision,
+            ReportInputs(
+                out_prefix=layout.report,
+                run_id=run.run_id,
+                model_name=model.name,
+                model_version=model.version,
+                config=cfg.to_dict(),
+                diffusion=subject.card.diffusion,
+                dataset=data,
+                safety=safety,
+                metrics=evaluation.metrics,
+                history=subject.history,
+                comparison=comparison,
+                promotion=decision,
                 inpainting_prefix=None if inpainting is None else inpainting.prefix,
                 notes=[sweep.note] if sweep else [],
                 sweep=sweep.rows if sweep else [],
             ),
-        )  # fmt: skip
-    tracking.log_metrics(target.tracking_uri, run_id, evaluation.metrics)
-    tracking.log_metrics(
-        target.tracking_uri, run_id,
-        {"samples/published": safety.published, "samples/quarantined": safety.quarantined,
-         **{f"safety/flag_rate/{k}": v for k, v in safety.flag_rates.items()}},
-    )  # fmt: skip
-    if inpainting is not None:
-        tracking.log_metrics(target.tracking_uri, run_id, inpainting.metrics)
-    tracking.log_report(target.tracking_uri, run_id, ArtefactStore(root), f"{run_prefix}/report")
-    publish_artifacts(model, evaluation, safety, decision, report_url, run_id=run_id)
-    aliases = tracking.version_aliases(target.tracking_uri, model.name, model.version)
+        )
+    with run.step("log"):
+        log_evaluation(run, model, evaluation, safety, inpainting, decision, report_url)
+        aliases = registry.version_aliases(uri, model.name, model.version)
     return {
         "model": {"name": model.name, "version": model.version, "aliases": aliases},
         "metrics": evaluation.metrics,
@@ -198,7 +257,26 @@ def evaluate_chain(
     }
 
 
-def sweep_summary(root: str, sweep: stages.SweepRef) -> dict[str, Any]:
+def log_evaluation(
+    run: RunLifecycle,
+    model: tracking.ModelRef,
+    evaluation: Evaluation,
+    safety: SafetyRef,
+    inpainting: InpaintEvaluation | None,
+    decision: dict[str, Any],
+    report_url: str,
+) -> None:
+    """The evaluation's metrics and report in MLflow, and the run's Prefect artifacts."""
+    uri, run_id = run.target.tracking_uri, run.run_id
+    counts = {"samples/published": safety.published, "samples/quarantined": safety.quarantined}
+    rates = {f"safety/flag_rate/{k}": v for k, v in safety.flag_rates.items()}
+    extra = inpainting.metrics if inpainting is not None else {}
+    registry.log_metrics(uri, run_id, {**evaluation.metrics, **extra, **counts, **rates})
+    registry.log_report(uri, run_id, run.target.artefact_root, run.layout.report)
+    artifacts.publish_run(model, evaluation, safety, decision, report_url, run_id=run_id)
+
+
+def sweep_summary(root: str, sweep: Any) -> dict[str, Any]:
     return {
         "rows": sweep.rows,
         "note": sweep.note,
@@ -207,165 +285,106 @@ def sweep_summary(root: str, sweep: stages.SweepRef) -> dict[str, Any]:
     }
 
 
-def artifact_key(name: str, suffix: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes only) for model ``name``."""
-    return re.sub(r"[^a-z0-9]+", "-", f"{name}-{suffix}".lower()).strip("-")
-
-
-def report_artifact_markdown(
-    model: tracking.ModelRef,
-    evaluation: stages.Evaluation,
-    safety: stages.SafetyRef,
-    decision: dict[str, Any],
-    report_url: str,
-    *,
-    run_id: str | None = None,
-) -> str:
-    """The run's markdown artifact: metrics, sample counts, the promotion decision and where the
-    report is (a link for local disk; for object storage the URL and how to fetch it)."""
-    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
-    lines = [
-        f"# {model.name} v{model.version}",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        *(f"| {k} | {v:.4g} |" for k, v in evaluation.metrics.items()),
-        "",
-        f"Published {safety.published}, quarantined {safety.quarantined}.",
-        "",
-        f"Promotion: {verdict} ({decision['reason']}).",
-        "",
-        report_link_markdown(report_url),
-    ]
-    if run_id:
-        lines += ["", f"Also in MLflow: run `{run_id}`, artifacts under `report/`."]
-    return "\n".join(lines) + "\n"
-
-
-def publish_artifacts(
-    model: tracking.ModelRef,
-    evaluation: stages.Evaluation,
-    safety: stages.SafetyRef,
-    decision: dict[str, Any],
-    report_url: str,
-    *,
-    run_id: str | None = None,
-) -> None:
-    create_markdown_artifact(
-        markdown=report_artifact_markdown(
-            model, evaluation, safety, decision, report_url, run_id=run_id
-        ),
-        key=artifact_key(model.name, "report"),
-        description="Run report",
-    )
-    create_table_artifact(
-        table=[{"metric": k, "value": v} for k, v in evaluation.metrics.items()],
-        key=artifact_key(model.name, "metrics"),
-        description="Evaluation metrics",
-    )
-
-
 @flow(name="nightly", log_prints=True)
 def nightly(
-    config_path: str = "configs/quickstart.yaml",
+    config: RunConfig | str = "quickstart",
     overrides: dict[str, Any] | None = None,
     evaluate: bool = True,
 ) -> dict[str, Any]:
     """Prepare data, train, register, then (unless ``evaluate`` is off, e.g. when a triggered
-    evaluation deployment does it) sample, filter, evaluate, compare and report."""
-    t0 = time.perf_counter()
-    cfg = load_config(config_path, overrides)
+    evaluation deployment does it) sample, filter, evaluate, compare and report. ``config`` is a
+    parsed config, a config file or the name of a packaged config (``quickstart``)."""
+    cfg = resolve_config(config, overrides)
     target = Target.for_config(cfg)
     name = cfg.pipeline.model_name or cfg.name
-    clock = StepClock()
-    run_id = tracking.start_run(
-        target.tracking_uri, f"diffpipe-{cfg.name}", target.artefact_root,
-        run_name=f"nightly-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.to_dict(),
-        tags={"diffpipe.flow": "nightly", "diffpipe.config_hash": cfg.hash(),
-              "diffpipe.code_version": tracking.code_version()},
-    )  # fmt: skip
-    run_prefix = f"runs/{run_id}"
-    try:
-        with clock.step("prepare_dataset"):
-            dataset = steps.prepare_dataset_cached(
-                cfg.data.model_dump(mode="json"), target.artefact_root
+    params, tags = (
+        cfg.to_dict(),
+        {
+            "diffpipe.flow": "nightly",
+            "diffpipe.config_hash": cfg.hash(),
+            "diffpipe.code_version": tracking.code_version(),
+        },
+    )
+    run_name = f"nightly-{time.strftime('%Y%m%d-%H%M%S')}"
+    with RunLifecycle.start(
+        target, experiment=f"diffpipe-{cfg.name}", run_name=run_name, params=params, tags=tags
+    ) as run:
+        root, uri = target.artefact_root, target.tracking_uri
+        with run.step("prepare_dataset"):
+            data = steps.prepare_dataset_cached(cfg.data, root)
+        with run.step("train"):
+            ckpt = steps.train_model(cfg, data, root, run.layout.checkpoint, target.work_dir)
+            registry.log_history(uri, run.run_id, ckpt.history)
+        with run.step("register"):
+            model = registry.register(
+                ckpt,
+                root,
+                uri,
+                run.run_id,
+                name,
+                tags={
+                    "dataset_sha256": data.sha256,
+                    "config_hash": cfg.hash(),
+                    "code_version": tracking.code_version(),
+                    "checkpoint_url": ckpt.url,
+                    "diffpipe.checkpoint_prefix": ckpt.prefix,
+                    "diffpipe.artefact_root": root,
+                    "diffpipe.dataset": data.to_json(),
+                },
             )
-        with clock.step("train"):
-            ckpt = steps.train(
-                cfg.to_dict(), dataset, target.artefact_root, run_prefix, target.work_dir
-            )
-        tracking.log_history(target.tracking_uri, run_id, ckpt.history)
-        with clock.step("register"):
-            model = steps.register(
-                ckpt, target.artefact_root, target.tracking_uri, run_id, name,
-                tags={"dataset_sha256": dataset.sha256, "config_hash": cfg.hash(),
-                      "code_version": tracking.code_version(), "checkpoint_url": ckpt.url,
-                      "diffpipe.checkpoint_prefix": ckpt.prefix,
-                      "diffpipe.artefact_root": target.artefact_root,
-                      "diffpipe.dataset": json.dumps(asdict(dataset))},
-            )  # fmt: skip
-        emit_registered(model, target, run_id)
+            card = registry.read_card(root, ckpt.prefix)
+        emit_registered(model, target, run.run_id)
         summary: dict[str, Any] = {
-            "run_id": run_id,
+            "run_id": run.run_id,
             "model": {"name": model.name, "version": model.version, "aliases": model.aliases},
             "checkpoint_url": ckpt.url,
             "training": {"steps": ckpt.steps, "steps_run": ckpt.steps_run},
-            "dataset": {"url": dataset.url, "sha256": dataset.sha256},
+            "dataset": {"url": data.url, "sha256": data.sha256},
         }
         if evaluate:
-            summary |= evaluate_chain(
-                cfg, target, run_id=run_id, run_prefix=run_prefix, model=model,
-                checkpoint_prefix=ckpt.prefix, dataset=dataset, history=ckpt.history, clock=clock,
-            )  # fmt: skip
-    except BaseException:
-        tracking.end_run(target.tracking_uri, run_id, "FAILED")
-        raise
-    summary["step_seconds"] = clock.seconds
-    summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
-    tracking.log_metrics(
-        target.tracking_uri, run_id, {f"seconds/{k}": v for k, v in clock.seconds.items()}
-    )
-    tracking.end_run(target.tracking_uri, run_id, "FINISHED")
+            subject = Subject(model, ckpt.prefix, data, card, ckpt.history)
+            summary |= evaluate_chain(cfg, run, subject)
+        summary |= run.timings()
     get_run_logger().info("report: %s", summary.get("report_uri", "(not evaluated)"))
     return summary
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_model(
-    model_uri: str, tracking_uri: str | None = None, evaluation: dict[str, Any] | None = None
+    model_uri: str,
+    tracking_uri: str | None = None,
+    config: RunConfig | str | None = None,
+    evaluation: EvaluationConfig | None = None,
 ) -> dict[str, Any]:
-    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``;
-    ``evaluation`` (an ``evaluation:`` config section, e.g. with a ``sweep``) replaces the one
-    saved with the checkpoint."""
-    t0 = time.perf_counter()
+    """Sample, filter, evaluate, compare and report a registered version ``models:/<name>/<v>``
+    (or ``@alias``) with the sample, safety, evaluation and pipeline sections of ``config``
+    (default: the defaults, with the model card's own sampling); ``evaluation`` replaces the
+    config's ``evaluation:`` section (e.g. a sweep). The training run's settings are never used."""
     uri = tracking.tracking_uri(tracking_uri)
-    version = tracking.resolve_version(uri, model_uri)
-    root = version.tags["diffpipe.artefact_root"]
-    dataset = stages.DatasetRef(**json.loads(version.tags["diffpipe.dataset"]))
-    checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
-    cfg = stages.checkpoint_config(ArtefactStore(root), checkpoint_prefix)
+    version = registry.resolve_model(uri, model_uri)
+    cfg = resolve_config(config, None) if config is not None else RunConfig()
     if evaluation is not None:
-        cfg = parse_config({**cfg.to_dict(), "evaluation": evaluation}, source="evaluation")
+        cfg = cfg.model_copy(update={"evaluation": evaluation})
+    root = version.tags["diffpipe.artefact_root"]
     target = Target(root, uri, str(diffpipe_home() / "work"))
-    model = tracking.ModelRef(version.name, str(version.version), list(version.aliases), model_uri)
-    clock = StepClock()
-    run_id = tracking.start_run(
-        uri, f"diffpipe-{cfg.name}", root,
-        run_name=f"evaluate-{version.name}-v{version.version}", params=cfg.to_dict(),
-        tags={"diffpipe.flow": "evaluate", "diffpipe.model": f"{version.name}/{version.version}"},
-    )  # fmt: skip
-    try:
-        summary = {"run_id": run_id} | evaluate_chain(
-            cfg, target, run_id=run_id, run_prefix=f"evaluations/{run_id}", model=model,
-            checkpoint_prefix=checkpoint_prefix, dataset=dataset,
-            history=tracking.training_history(uri, version.run_id), clock=clock,
-        )  # fmt: skip
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise
-    summary["step_seconds"] = clock.seconds
-    summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
-    tracking.end_run(uri, run_id, "FINISHED")
+    checkpoint_prefix = version.tags["diffpipe.checkpoint_prefix"]
+    model = tracking.ModelRef(version.name, version.version, version.aliases, model_uri)
+    tags = {"diffpipe.flow": "evaluate", "diffpipe.model": f"{version.name}/{version.version}"}
+    with RunLifecycle.start(
+        target,
+        experiment=f"diffpipe-{version.name}",
+        evaluation=True,
+        tags=tags,
+        run_name=f"evaluate-{version.name}-v{version.version}",
+        params=cfg.to_dict(),
+    ) as run:
+        with run.step("load"):
+            card = registry.read_card(root, checkpoint_prefix)
+            data = DatasetRef.from_json(version.tags["diffpipe.dataset"], dims=card.dims)
+            history = registry.training_history(uri, version.run_id)
+        subject = Subject(model, checkpoint_prefix, data, card, history)
+        summary = {"run_id": run.run_id} | evaluate_chain(cfg, run, subject)
+        summary |= run.timings()
     return summary
 
 
@@ -375,7 +394,7 @@ def compare_models(model_name: str, tracking_uri: str | None = None) -> list[dic
     table = tracking.comparison_table(tracking.tracking_uri(tracking_uri), model_name)
     rows: list[dict[str, Any]] = json.loads(table.to_json(orient="records", date_format="iso"))
     if rows:
-        create_table_artifact(table=rows, key=artifact_key(model_name, "comparison"))
+        artifacts.publish_comparison(model_name, rows)
     return rows
 
 

@@ -23,8 +23,11 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
-from diffusion_core import compare
-from diffusion_core.storage import ArtefactStore, diffpipe_home
+from diffusion_core import __version__
+from diffusion_core.config import diffpipe_home
+from diffusion_core.evaluation.promotion import Champion, decide
+from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE
+from diffusion_core.pipeline.store import ArtefactStore
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,6 @@ def code_version() -> str:
             return sha.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    from diffusion_core import __version__
-
     return __version__
 
 
@@ -154,11 +155,12 @@ def register_model(
     run_id: str,
     *,
     name: str,
-    checkpoint_dir: Path,
+    checkpoint_dir: str | Path,
     tags: dict[str, str],
 ) -> ModelRef:
-    """Log the pyfunc (from code) with the checkpoint's EMA weights and config, register it as a
-    new version of ``name`` and give that version the alias ``challenger``."""
+    """Log the pyfunc (from code) with the checkpoint's EMA weights and model card, register it
+    as a new version of ``name`` and give that version the alias ``challenger``."""
+    checkpoint_dir = Path(checkpoint_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     with mlflow.start_run(run_id=run_id):
@@ -167,7 +169,7 @@ def register_model(
             python_model=str(MODEL_CODE),
             artifacts={
                 "weights": str(checkpoint_dir / "ema.safetensors"),
-                "config": str(checkpoint_dir / "config.json"),
+                "card": str(checkpoint_dir / CARD_FILE),
             },
             pip_requirements=["diffpipe", "torch==2.14.1", "safetensors"],
         )
@@ -200,13 +202,13 @@ def get_evaluation(uri: str, name: str, version: str) -> dict[str, Any] | None:
     return json.loads(tags[EVALUATION_TAG]) if EVALUATION_TAG in tags else None
 
 
-def champion(uri: str, name: str) -> tuple[str, dict[str, Any] | None] | None:
+def champion(uri: str, name: str) -> Champion | None:
     """The champion's version and evaluation, or None when there is no champion."""
     try:
         version = client(uri).get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return str(version.version), get_evaluation(uri, name, str(version.version))
+    return Champion(str(version.version), get_evaluation(uri, name, str(version.version)))
 
 
 def set_champion(uri: str, name: str, version: str) -> None:
@@ -259,18 +261,14 @@ def source_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
 
 
 def _decision(
-    version: str, evaluation: dict[str, Any] | None, champion: tuple[str, dict[str, Any] | None]
+    version: str, evaluation: dict[str, Any] | None, champion: Champion | None
 ) -> tuple[str, str]:
     """What the promotion rule says of ``version`` against the current champion, and why."""
-    champion_version, champion_eval = champion
-    if version == champion_version:
+    if champion is not None and version == champion.version:
         return "champion", "the current champion"
     if evaluation is None:
         return "not evaluated", "no evaluation recorded on this version"
-    against = None
-    if champion_version:
-        against = champion_eval or {"record": {}, "metrics": {}}  # unevaluated: not comparable
-    decision = compare.decide(evaluation, against)
+    decision = decide(evaluation, champion)
     return ("promote" if decision.promote else "keep champion"), decision.reason
 
 
@@ -286,8 +284,12 @@ def comparison_table(uri: str, name: str) -> pd.DataFrame:
     for alias, version in model.aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     evaluations = {str(v.version): json.loads(v.tags.get(EVALUATION_TAG, "null")) for v in versions}
-    champion_version = next((v for v, a in aliases.items() if CHAMPION in a), "")
-    champion = (champion_version, evaluations.get(champion_version))
+    champion_version = next((v for v, a in aliases.items() if CHAMPION in a), None)
+    champion = (
+        None
+        if champion_version is None
+        else Champion(champion_version, evaluations.get(champion_version))
+    )
     runs = source_runs(uri, [v.run_id for v in versions if v.run_id])
     rows = []
     for v in versions:
@@ -315,9 +317,16 @@ def comparison_table(uri: str, name: str) -> pd.DataFrame:
 
 
 COMPARISON_COLUMNS = [
-    "version", "aliases", "decision", "reason", "created", "run_id", "run_name", "run_status",
+    "version",
+    "aliases",
+    "decision",
+    "reason",
+    "created",
+    "run_id",
+    "run_name",
+    "run_status",
     "train_steps",
-]  # fmt: skip
+]
 
 # Report columns: comparison-table column -> heading in the run report.
 REPORT_COLUMNS = {
@@ -367,8 +376,29 @@ def resolve_version(uri: str, model_uri: str) -> Any:
         raise ValueError(f"{model_uri}: no such registered model version ({exc.message})") from None
 
 
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered version and what the pipeline tagged it with."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def registered_version(uri: str, model_uri: str) -> RegisteredVersion:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` as a RegisteredVersion."""
+    v = resolve_version(uri, model_uri)
+    return RegisteredVersion(v.name, str(v.version), list(v.aliases), str(v.run_id), dict(v.tags))
+
+
 def download_model_files(uri: str, model_uri: str, dst: str | Path) -> tuple[Path, Path]:
-    """The ``config.json`` and EMA weights of a registered version (``models:/<name>/<version>``
+    """The model card and EMA weights of a registered version (``models:/<name>/<version>``
     or ``models:/<name>@<alias>``), downloaded under ``dst``."""
     version = resolve_version(uri, model_uri)
     mlflow.set_tracking_uri(uri)
@@ -378,10 +408,12 @@ def download_model_files(uri: str, model_uri: str, dst: str | Path) -> tuple[Pat
             artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dst)
         )
     )
-    config, weights = local / "artifacts" / "config.json", local / "artifacts" / "ema.safetensors"
-    if not (config.is_file() and weights.is_file()):
-        raise ValueError(f"{model_uri}: not a diffpipe model (no artifacts/config.json, weights)")
-    return config, weights
+    weights = local / "artifacts" / "ema.safetensors"
+    cards = [local / "artifacts" / n for n in (CARD_FILE, LEGACY_CONFIG_FILE)]
+    card = next((c for c in cards if c.is_file()), None)
+    if card is None or not weights.is_file():
+        raise ValueError(f"{model_uri}: not a diffpipe model (no artifacts/{CARD_FILE}, weights)")
+    return card, weights
 
 
 def training_history(uri: str, run_id: str) -> list[dict[str, float]]:

@@ -29,8 +29,25 @@ TINY = {
         "log_every": 1,
         "num_threads": 1,
     },
-    "sample": {"sampler": "ddim", "steps": 5, "num_samples": 8, "guidance_scale": 2.0},
+    "sample": {"sampler": "ddim", "steps": 5, "guidance_scale": 2.0},
 }
+
+
+def card_for(cfg, *, in_channels: int = 1, image_size: int = 8, num_classes: int | None = 10):
+    """The model card of ``cfg``'s model on made-up data of that shape (sampling: cfg's)."""
+    from diffusion_core.model import ModelCard
+
+    return ModelCard(
+        model=cfg.model,
+        diffusion=cfg.diffusion,
+        text=cfg.text,
+        sampling=cfg.sample.defaults(),
+        in_channels=in_channels,
+        image_size=image_size,
+        class_names=tuple(str(i) for i in range(num_classes or 0)),
+        num_classes=num_classes,
+        dataset_sha256="0" * 64,
+    )
 
 
 @pytest.fixture

@@ -7,16 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from diffpipe.flows.cli import main
 from PIL import Image
-
-from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_explains_commands():
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "diffpipe.flows.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert out.returncode == 0
     for word in ("train", "sample", "inpaint", "Exit codes"):
@@ -35,14 +37,21 @@ def test_bad_override_and_missing_checkpoint_exit_2(tmp_path, tiny_config_file, 
     assert main(["train", "--config", str(tiny_config_file), "--set", "nonsense"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "none"), "--out", "x.png"]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
+    assert "no such checkpoint" in capsys.readouterr().err
 
 
 def test_missing_dataset_root_exits_2(tmp_path, tiny_config_file, capsys):
     code = main(
-        ["train", "--config", str(tiny_config_file), "--set", "data.kind=mnist",
-         "--set", f"data.root={tmp_path / 'nowhere'}"]
-    )  # fmt: skip
+        [
+            "train",
+            "--config",
+            str(tiny_config_file),
+            "--set",
+            "data.kind=mnist",
+            "--set",
+            f"data.root={tmp_path / 'nowhere'}",
+        ]
+    )
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -81,9 +90,27 @@ def test_train_sample_inpaint_end_to_end(tmp_path, tiny_config_file, capsys):
     m[:, 4:] = 0
     Image.fromarray(m).save(mask)
     filled = tmp_path / "filled.png"
-    args = ["inpaint", "--checkpoint", str(ckpt), "--image", str(image), "--mask", str(mask),
-            "--num", "2", "--steps", "4", "--resample", "2", "--jump-length", "2",
-            "--out", str(filled), "--scale", "1"]  # fmt: skip
+    args = [
+        "inpaint",
+        "--checkpoint",
+        str(ckpt),
+        "--image",
+        str(image),
+        "--mask",
+        str(mask),
+        "--num",
+        "2",
+        "--steps",
+        "4",
+        "--resample",
+        "2",
+        "--jump-length",
+        "2",
+        "--out",
+        str(filled),
+        "--scale",
+        "1",
+    ]
     assert main(args) == 0
     grid_px = np.asarray(Image.open(filled))
     # The grid has a 1-pixel border; the left half of each completion is the original image.
@@ -94,15 +121,39 @@ def test_train_sample_inpaint_end_to_end(tmp_path, tiny_config_file, capsys):
 @pytest.mark.parametrize("flag", ["--image", "--mask"])
 def test_inpaint_unreadable_input_exits_2(tmp_path, tiny_config_file, flag, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--config", str(tiny_config_file), "--out", str(out), "--quiet",
-                 "--set", "train.steps=1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tiny_config_file),
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "train.steps=1",
+            ]
+        )
+        == 0
+    )
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     paths = {"--image": good, "--mask": good, flag: bad}
     ckpt = str(out / "checkpoints")
-    code = main(["inpaint", "--checkpoint", ckpt, "--image", str(paths["--image"]),
-                 "--mask", str(paths["--mask"]), "--out", str(tmp_path / "o.png")])  # fmt: skip
+    code = main(
+        [
+            "inpaint",
+            "--checkpoint",
+            ckpt,
+            "--image",
+            str(paths["--image"]),
+            "--mask",
+            str(paths["--mask"]),
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+    )
     assert code == 2
     assert "bad.png" in capsys.readouterr().err

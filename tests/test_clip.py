@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_core.clip import ClipError, load_clip
+from diffusion_core.text import ClipError, load_clip
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "clip" / "tiny-clip.json")
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from diffpipe.flows.cli import main
+from diffpipe.tasks import tracking
 from mlflow import MlflowClient
 
-from diffusion_core.compare import RECORD_KEYS, decide, record_mismatch
-from flows.cli import main
-from tasks import tracking
+from diffusion_core.evaluation.promotion import RECORD_KEYS, Champion, decide, record_mismatch
 
 RECORD: dict[str, Any] = {
     "engine": "torch-fidelity 0.4.0",
@@ -34,6 +34,10 @@ RECORD: dict[str, Any] = {
 }
 
 
+def champion(evaluation: dict[str, Any] | None, version: str = "1") -> Champion:
+    return Champion(version, evaluation)
+
+
 def evaluation(fid: float, half_width: float = 1.0, **record: Any) -> dict[str, Any]:
     return {
         "metrics": {"fid": fid, "fid_low": fid - half_width, "fid_high": fid + half_width},
@@ -45,46 +49,52 @@ def evaluation(fid: float, half_width: float = 1.0, **record: Any) -> dict[str, 
 
 
 def test_clear_win_is_promoted() -> None:
-    decision = decide(evaluation(5.0), evaluation(10.0))  # [4, 6] entirely below [9, 11]
+    decision = decide(evaluation(5.0), champion(evaluation(10.0)))  # [4, 6] entirely below [9, 11]
     assert decision.promote
     assert "5.000" in decision.reason and "10.000" in decision.reason
 
 
 def test_overlapping_intervals_are_a_tie() -> None:
     # the point estimate is better, but [8.5, 10.5] overlaps [9, 11]: the champion stays
-    decision = decide(evaluation(9.5), evaluation(10.0))
+    decision = decide(evaluation(9.5), champion(evaluation(10.0)))
     assert not decision.promote
     assert "tie" in decision.reason
     # touching intervals still overlap
-    assert not decide(evaluation(8.0), evaluation(10.0)).promote  # [7, 9] vs [9, 11]
-    assert decide(evaluation(7.99), evaluation(10.0)).promote
-    worse = decide(evaluation(12.0), evaluation(10.0))
+    assert not decide(evaluation(8.0), champion(evaluation(10.0))).promote  # [7, 9] vs [9, 11]
+    assert decide(evaluation(7.99), champion(evaluation(10.0))).promote
+    worse = decide(evaluation(12.0), champion(evaluation(10.0)))
     assert not worse.promote and "not better" in worse.reason
 
 
 def test_mismatched_records_are_not_compared() -> None:
     # far better FID, but with another sampler and step count: not the same number
-    decision = decide(evaluation(1.0, sampler="ddpm", steps=1000), evaluation(10.0))
+    decision = decide(evaluation(1.0, sampler="ddpm", steps=1000), champion(evaluation(10.0)))
     assert not decision.promote
     assert decision.reason == (
         "not comparable: metric records differ in sampler: 'ddpm' vs 'ddim'; steps: 1000 vs 25"
     )
     # a key missing on one side is a difference too; keys outside the record list are not
     record = {k: v for k, v in RECORD.items() if k != "extractor_sha256"}
-    missing = decide({"metrics": evaluation(1.0)["metrics"], "record": record}, evaluation(10.0))
+    missing = decide(
+        {"metrics": evaluation(1.0)["metrics"], "record": record}, champion(evaluation(10.0))
+    )
     assert not missing.promote and "differ in extractor_sha256: None vs 'abab" in missing.reason
-    assert decide(evaluation(1.0, seed=7, note="x"), evaluation(10.0)).promote
+    assert decide(evaluation(1.0, seed=7, note="x"), champion(evaluation(10.0))).promote
     assert set(RECORD_KEYS) <= set(RECORD)
 
 
 def test_no_champion_yet_promotes() -> None:
     decision = decide(evaluation(50.0), None)
+    never = decide(evaluation(50.0), champion(None, "4"))
+    assert not never.promote and never.reason == (
+        "not comparable: the champion (version 4) was never evaluated"
+    )
     assert decision.promote and decision.reason == "no champion yet"
 
 
 def test_missing_interval_is_not_compared() -> None:
     bare = {"metrics": {"fid": 1.0}, "record": RECORD}
-    decision = decide(bare, evaluation(10.0))
+    decision = decide(bare, champion(evaluation(10.0)))
     assert not decision.promote
     assert decision.reason == "not comparable: no challenger fid_low, challenger fid_high"
 
@@ -129,8 +139,12 @@ def test_comparison_table_decisions(registry: str) -> None:
     assert list(table["version"]) == [1, 2, 3, 4, 5]
     assert list(table["aliases"]) == ["champion", "", "", "", "challenger"]
     assert list(table["decision"]) == [
-        "champion", "promote", "keep champion", "keep champion", "not evaluated",
-    ]  # fmt: skip
+        "champion",
+        "promote",
+        "keep champion",
+        "keep champion",
+        "not evaluated",
+    ]
     assert "tie" in table["reason"][2]
     assert table["reason"][3] == (
         "not comparable: metric records differ in sampler: 'ddpm' vs 'ddim'"
@@ -163,10 +177,7 @@ def test_unevaluated_champion_is_not_comparable(tmp_path: Path) -> None:
     c.set_registered_model_alias("m", "champion", "1")
     table = tracking.comparison_table(uri, "m")
     assert list(table["decision"]) == ["champion", "keep champion"]
-    assert table["reason"][1].startswith(
-        "not comparable: metric records differ in engine: 'torch-fidelity 0.4.0' vs None; "
-        "extractor: 'domain' vs None;"
-    )
+    assert table["reason"][1] == "not comparable: the champion (version 1) was never evaluated"
     assert table["run_name"].isna().all()  # versions without a source run
 
 
@@ -213,7 +224,9 @@ def test_refusal_names_each_differing_key_with_both_values() -> None:
     for key in RECORD_KEYS:
         other = {**RECORD, key: "something else"}
         assert record_mismatch(RECORD, other) == [key]
-    d = decide(evaluation(0.1, 0.01, extractor="inception-v3-compat", nfe=10), evaluation(9.0, 1))
+    d = decide(
+        evaluation(0.1, 0.01, extractor="inception-v3-compat", nfe=10), champion(evaluation(9.0, 1))
+    )
     assert not d.promote
     assert "extractor: 'inception-v3-compat' vs 'domain'" in d.reason
     assert "nfe: 10 vs 25" in d.reason
@@ -221,4 +234,4 @@ def test_refusal_names_each_differing_key_with_both_values() -> None:
     old = {k: v for k, v in RECORD.items() if k not in ("engine", "nfe")}
     assert record_mismatch(RECORD, old) == ["engine", "nfe"]
     # Seeds are recorded but do not block a comparison: the intervals carry sampling noise.
-    assert decide(evaluation(1.0, 0.1, seed=7), evaluation(2.0, 0.1)).promote
+    assert decide(evaluation(1.0, 0.1, seed=7), champion(evaluation(2.0, 0.1))).promote

@@ -65,3 +65,47 @@ def test_overrides_and_hash(tmp_path):
     assert cfg.train.steps == 7 and cfg.sample.sampler == "ddpm"
     assert cfg.hash() == RunConfig.model_validate(cfg.to_dict()).hash()
     assert cfg.hash() != load_config(path).hash()
+
+
+def test_every_setting_is_described_and_the_readme_table_is_the_generated_one() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", Path(__file__).resolve().parents[1] / "docs" / "config_reference.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.reference_rows()
+    assert all(doc for _, _, _, doc in rows), [key for key, _, _, doc in rows if not doc]
+    assert "| `train.lr` | float | `0.002` |" in script.reference_markdown()
+    readme = script.README.read_text()
+    assert script.with_reference(readme) == readme, "run: python docs/config_reference.py"
+
+
+def test_a_removed_key_is_refused_with_what_to_use_instead() -> None:
+    with pytest.raises(ConfigError, match=r"sample\.num_samples .*pipeline\.num_samples"):
+        parse_config({"sample": {"num_samples": 10}})
+
+
+def test_training_identity_changes_only_with_what_changes_the_weights() -> None:
+    base = parse_config({})
+    same = [
+        {"sample": {"guidance_scale": 3.0, "steps": 7}},
+        {"safety": {"detectors": [{"name": "sanity"}]}},
+        {"evaluation": {"interval_draws": 5}},
+        {"pipeline": {"shards": 5, "watermark": {"enabled": True}}},
+        {"train": {"log_every": 1, "checkpoint_every": 3, "num_threads": 1}},
+        {"name": "renamed"},
+    ]
+    for change in same:
+        assert parse_config(change).training_identity("d") == base.training_identity("d"), change
+    different = [
+        {"train": {"lr": 1e-4}},
+        {"model": {"base_channels": 16}},
+        {"diffusion": {"prediction": "v"}},
+        {"train": {"seed": 1}},
+    ]
+    for change in different:
+        assert parse_config(change).training_identity("d") != base.training_identity("d"), change
+    assert base.training_identity("d") != base.training_identity("e")  # other data

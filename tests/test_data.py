@@ -18,17 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion_core.config import DataConfig, DatasetKind
-from diffusion_core.data import (
-    DATASETS,
-    SHAPE_BACKGROUND,
-    SHAPE_COLOURS,
-    SHAPE_POSITIONS,
-    DatasetError,
-    ImageDataset,
-    load_dataset,
-    load_folder,
-    split_dataset,
-)
+from diffusion_core.data import DATASETS, DatasetError, ImageDataset, load_dataset, split_dataset
+from diffusion_core.data.shapes import SHAPE_BACKGROUND, SHAPE_COLOURS, SHAPE_POSITIONS
+from diffusion_core.data.sources import load_folder
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -252,7 +244,7 @@ def test_class_folder_skips_and_counts_unreadable_files(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_class_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="diffusion_core.data"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_core.data.sources"):
         ds = load_dataset(folder_cfg(str(tmp_path)))
     assert len(ds) == 5
     assert ds.skipped == 2

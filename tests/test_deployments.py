@@ -51,10 +51,21 @@ def server(tmp_path_factory):
     }
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     def healthy() -> bool:
         try:
@@ -123,9 +134,13 @@ def drain_prefect_workers() -> None:
 def check_deployments_and_trigger(env, home, tmp_path):
     # Register the deployments from deployments/prefect.yaml.
     deploy = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "deploy"], env=env, cwd=REPO,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "diffpipe.flows.cli", "deploy"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     deployments = {d.name: d for d in asyncio.run(_deployments())}
     assert set(deployments) == {"nightly-train", "evaluate", "compare"}
@@ -136,16 +151,18 @@ def check_deployments_and_trigger(env, home, tmp_path):
     # A worker for the process pool, then a training run that registers a model.
     worker_log = open(home / "worker.log", "w")  # noqa: SIM115 - lives as long as the worker
     worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "diffpipe",
-         "--limit", "1"],
-        env=env, cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "diffpipe", "--limit", "1"],
+        env=env,
+        cwd=REPO,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         config = tmp_path / "tiny.yaml"
         config.write_text(yaml.safe_dump(PIPELINE_TINY | {"name": "triggered"}))
-        from flows.pipeline import nightly as nightly_flow
+        from diffpipe.flows.pipeline import nightly as nightly_flow
 
-        summary = nightly_flow(config_path=str(config), evaluate=False)
+        summary = nightly_flow(config=str(config), evaluate=False)
         assert summary["model"]["version"] == "1"
 
         # The registration event starts the evaluate deployment; the worker runs it through.

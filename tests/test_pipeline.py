@@ -19,8 +19,9 @@ from tests.conftest import TINY
 pytestmark = pytest.mark.slow
 
 PIPELINE_TINY = copy.deepcopy(TINY)
-PIPELINE_TINY["train"].update(steps=20, batch_size=32, lr=2e-3, checkpoint_every=10, log_every=5,
-                              num_threads=2)  # fmt: skip
+PIPELINE_TINY["train"].update(
+    steps=20, batch_size=32, lr=2e-3, checkpoint_every=10, log_every=5, num_threads=2
+)
 PIPELINE_TINY["sample"] = {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5, "batch_size": 64}
 PIPELINE_TINY["pipeline"] = {"num_samples": 60, "shards": 2}
 
@@ -62,9 +63,9 @@ def report_artifact(key: str) -> str:
 
 
 def run_nightly(config: Path, **kwargs):
-    from flows.pipeline import nightly
+    from diffpipe.flows.pipeline import nightly
 
-    state = nightly(config_path=str(config), return_state=True, **kwargs)
+    state = nightly(config=str(config), return_state=True, **kwargs)
     return state
 
 
@@ -76,8 +77,17 @@ def test_nightly_local_then_rerun(harness, tmp_path):
 
     # Every step is a task run with a name that says what it does.
     names = sorted(tr.name for tr in asyncio.run(_task_runs(state.state_details.flow_run_id)))
-    for step in ("prepare-dataset", "train", "register", "sample-shard-0", "sample-shard-1",
-                 "safety-filter", "evaluate", "compare", "report"):  # fmt: skip
+    for step in (
+        "prepare-dataset",
+        "train",
+        "register",
+        "sample-shard-0",
+        "sample-shard-1",
+        "safety-filter",
+        "evaluate",
+        "compare",
+        "report",
+    ):
         assert any(n.startswith(step) for n in names), (step, names)
 
     # The summary, the registered model and its pyfunc.
@@ -106,16 +116,30 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     logs = asyncio.run(_logs(state.state_details.flow_run_id))
     assert any(r.name.startswith("diffusion_core") for r in logs), {r.name for r in logs}
 
-    # Re-running reuses the prepared dataset (a cache hit, no rework) and registers a new version.
-    state = run_nightly(config)
+    # Re-running with other sampling, safety and sharding reuses the prepared dataset (a cache
+    # hit) and the trained weights (0 steps: only what changes the weights keys the training),
+    # and registers a new version whose card carries the new sampling defaults.
+    changed = {"sample.guidance_scale": 2.0, "pipeline.shards": 3, "evaluation.interval_draws": 20}
+    state = run_nightly(config, overrides=changed)
     again = state.result()
+    assert again["training"] == {"steps": 20, "steps_run": 0}
+    assert again["record"]["guidance_scale"] == 2.0
+    card = mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/tiny/2", dst_path=str(tmp_path / "v2")
+    )
+    assert (
+        json.loads((Path(card) / "artifacts" / "card.json").read_text())["sampling"][
+            "guidance_scale"
+        ]
+        == 2.0
+    )
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
     prepare = [tr for tr in runs if tr.name.startswith("prepare-dataset")]
     assert [tr.state.name for tr in prepare] == ["Cached"]
     assert again["dataset"] == summary["dataset"]
     assert again["model"]["version"] == "2"
     assert "challenger" in again["model"]["aliases"]
-    from tasks import tracking
+    from diffpipe.tasks import tracking
 
     table = tracking.comparison_table(os.environ["MLFLOW_TRACKING_URI"], "tiny")
     assert list(table["version"]) == [1, 2]
@@ -123,8 +147,13 @@ def test_nightly_local_then_rerun(harness, tmp_path):
 
 
 def test_nightly_with_inpainting_evaluation(harness, tmp_path):
-    inpainting = {"enabled": True, "num_images": 4, "masks": ["centre", "half"],
-                  "jump_length": 2, "resample": 2}  # fmt: skip
+    inpainting = {
+        "enabled": True,
+        "num_images": 4,
+        "masks": ["centre", "half"],
+        "jump_length": 2,
+        "resample": 2,
+    }
     config = write_config(tmp_path / "inpaint.yaml", inpainting=inpainting)
     state = run_nightly(config, overrides={"name": "tiny-inpaint"})
     summary = state.result()
@@ -132,9 +161,11 @@ def test_nightly_with_inpainting_evaluation(harness, tmp_path):
     assert any(n.startswith("inpaint-evaluate") for n in names), names
     rows = summary["inpainting"]
     assert [(r["mask"], r["method"]) for r in rows] == [
-        ("centre", "repaint"), ("centre", "replacement"), ("half", "repaint"),
+        ("centre", "repaint"),
+        ("centre", "replacement"),
+        ("half", "repaint"),
         ("half", "replacement"),
-    ]  # fmt: skip
+    ]
     assert all(r["known_changed"] == 0 and r["num_images"] == 4 for r in rows)
     metrics = mlflow.get_run(summary["run_id"]).data.metrics
     assert metrics["inpaint/known_region_exact"] == 1.0
@@ -241,10 +272,10 @@ def test_nightly_on_s3(harness, s3, tmp_path):
 def test_storage_outage_fails_cleanly(harness, s3, tmp_path, monkeypatch, capsys, caplog):
     """The endpoint stops while the checkpoint is being stored: the task retries, the run fails
     with a message naming the URL, and no checkpoint or model version becomes visible."""
+    from diffpipe.flows.cli import main
     from moto.server import ThreadedMotoServer
 
-    from diffusion_core.storage import ArtefactStore
-    from flows.cli import main
+    from diffusion_core.pipeline.store import ArtefactStore
     from tests.conftest import free_port
 
     flaky = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
@@ -277,8 +308,21 @@ def test_storage_outage_fails_cleanly(harness, s3, tmp_path, monkeypatch, capsys
     assert list(failed["status"]) == ["FAILED"]
 
 
+def test_a_step_that_meets_bad_input_exits_2_naming_the_step(harness, tmp_path, capsys):
+    from diffpipe.flows.cli import main
+
+    config = write_config(tmp_path / "folder.yaml")
+    missing = tmp_path / "no-such-folder"
+    args = ["--set", "data.kind=folder", "--set", f"data.root={missing}", "--set", "name=bad"]
+    assert main(["run", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert "error in step prepare_dataset" in err and str(missing) in err
+    failed = mlflow.search_runs(experiment_names=["diffpipe-bad"])
+    assert list(failed["status"]) == ["FAILED"]
+
+
 def test_run_rejects_unknown_key_before_starting(tmp_path, capsys):
-    from flows.cli import main
+    from diffpipe.flows.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"pipeline": {"shard": 2}}))
@@ -290,21 +334,28 @@ def test_run_rejects_unknown_key_before_starting(tmp_path, capsys):
 def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
     """evaluate_model with a sweep: one row per setting with measured NFE, a table in the store,
     the cheapest setting that reaches the DDPM reference, and the sweep in the report."""
-    from diffusion_core.storage import ArtefactStore, default_root
-    from flows.pipeline import evaluate_model
+    from diffpipe.flows.pipeline import evaluate_model
+
+    from diffusion_core.config import EvaluationConfig
+    from diffusion_core.pipeline.store import ArtefactStore, default_root
 
     config = write_config(tmp_path / "sweep.yaml")
     trained = run_nightly(config, overrides={"name": "tiny-sweep"}, evaluate=False).result()
-    sweep = [{"sampler": "ddpm", "steps": 20}, {"sampler": "ddim", "steps": 4},
-             {"sampler": "dpmpp_2m", "steps": 3}]  # fmt: skip
+    sweep = [
+        {"sampler": "ddpm", "steps": 20},
+        {"sampler": "ddim", "steps": 4},
+        {"sampler": "dpmpp_2m", "steps": 3},
+    ]
     summary = evaluate_model(
         f"models:/tiny-sweep/{trained['model']['version']}",
-        evaluation={"sweep": sweep, "sweep_num_samples": 24, "interval_draws": 10},
+        evaluation=EvaluationConfig(sweep=sweep, sweep_num_samples=24, interval_draws=10),
     )
     rows = summary["sweep"]["rows"]
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [
-        ("ddpm", 20, 20), ("ddim", 4, 4), ("dpmpp_2m", 3, 3)
-    ]  # fmt: skip
+        ("ddpm", 20, 20),
+        ("ddim", 4, 4),
+        ("dpmpp_2m", 3, 3),
+    ]
     for r in rows:
         assert r["fid_low"] < r["fid"] < r["fid_high"] and r["wall_seconds"] > 0
         assert r["num_samples"] == 24 and r["guidance_scale"] == 1.5
@@ -327,3 +378,18 @@ def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
     html = report.read_text()
     assert "Quality against cost" in html and note.split(" (")[0] in html
     assert (report.parent / "img" / "sweep_nfe.png").is_file()
+
+    # Without a config: the card's sampling (DDIM 4 steps, guidance 1.5), not the training
+    # run's pipeline section; with one, its sample and pipeline sections.
+    from diffusion_core.config import parse_config
+
+    given = parse_config(
+        {
+            "sample": {"steps": 3},
+            "pipeline": {"num_samples": 20, "shards": 1},
+            "evaluation": {"interval_draws": 5},
+        }
+    )
+    other = evaluate_model(f"models:/tiny-sweep/{trained['model']['version']}", config=given)
+    assert (other["record"]["steps"], other["record"]["guidance_scale"]) == (3, 1.5)
+    assert other["samples"]["published"] + other["samples"]["quarantined"] == 20

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from diffpipe.flows.cli import main
 from PIL import Image
-
-from flows.cli import main
 
 
 def _image(path: Path, size: int = 16, rgb: bool = False) -> Path:
@@ -32,8 +31,19 @@ def test_plot_noise_default_and_given_steps(tmp_path, capsys):
     assert "t = 0, 50, 100, 250, 500, 750, 999 (linear)" in capsys.readouterr().out
     wide_w, wide_h = _png_size(out)
     few = tmp_path / "few.png"
-    args = ["plot", "noise", "--image", str(image), str(_image(tmp_path / "b.png")),
-            "--steps", "0,500", "--schedule", "cosine", "--out", str(few)]  # fmt: skip
+    args = [
+        "plot",
+        "noise",
+        "--image",
+        str(image),
+        str(_image(tmp_path / "b.png")),
+        "--steps",
+        "0,500",
+        "--schedule",
+        "cosine",
+        "--out",
+        str(few),
+    ]
     assert main(args) == 0
     few_w, few_h = _png_size(few)
     # Columns are timesteps and rows images: 7 columns vs 2, one row vs 2.
@@ -46,8 +56,10 @@ def test_plot_noise_takes_schedule_from_config(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"diffusion": {"schedule": "cosine", "num_steps": 200}}))
     out = tmp_path / "noise.png"
     image = _image(tmp_path / "rgb.png", rgb=True)
-    assert main(["plot", "noise", "--image", str(image), "--config", str(config),
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["plot", "noise", "--image", str(image), "--config", str(config), "--out", str(out)])
+        == 0
+    )
     assert "t = 0, 10, 20, 50, 100, 150, 199 (cosine)" in capsys.readouterr().out
     assert out.is_file()
 
@@ -58,8 +70,21 @@ def test_plot_schedules(tmp_path):
     width, height = _png_size(out)
     assert width > 800 and 250 < height < width
     three = tmp_path / "three.png"
-    assert main(["plot", "schedules", "--schedules", "linear,cosine,sigmoid",
-                 "--num-steps", "500", "--out", str(three)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "plot",
+                "schedules",
+                "--schedules",
+                "linear,cosine,sigmoid",
+                "--num-steps",
+                "500",
+                "--out",
+                str(three),
+            ]
+        )
+        == 0
+    )
     assert three.is_file()
 
 
@@ -92,8 +117,12 @@ def test_plot_bad_inputs_exit_2(tmp_path, capsys):
     a, b = _image(tmp_path / "a.png", 16), _image(tmp_path / "b.png", 8)
     assert main(["plot", "noise", "--image", str(a), str(b), "--out", str(tmp_path / "n.png")]) == 2
     assert str(b) in capsys.readouterr().err
-    assert main(["plot", "schedules", "--schedules", "linear,square",
-                 "--out", str(tmp_path / "s.png")]) == 2  # fmt: skip
+    assert (
+        main(
+            ["plot", "schedules", "--schedules", "linear,square", "--out", str(tmp_path / "s.png")]
+        )
+        == 2
+    )
     assert "'linear,square'" in capsys.readouterr().err
     assert main(["plot", "schedules", "--out", str(tmp_path / "s.jpg")]) == 2
     assert "s.jpg" in capsys.readouterr().err

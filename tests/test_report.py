@@ -12,8 +12,8 @@ import torch
 from matplotlib.axes import Axes
 from PIL import Image
 
-from diffusion_core import plots
-from diffusion_core.report import (
+from diffusion_core.report import plots
+from diffusion_core.report.html import (
     ReportData,
     report_link_markdown,
     report_markdown,
@@ -321,9 +321,16 @@ def test_write_report_omits_empty_sections(
 ) -> None:
     _, full, _ = full_report
     assert set(full.section_ids) == {
-        "metrics", "notes", "samples", "comparison", "safety", "sweep", "training", "schedule",
+        "metrics",
+        "notes",
+        "samples",
+        "comparison",
+        "safety",
+        "sweep",
+        "training",
+        "schedule",
         "config",
-    }  # fmt: skip
+    }
     out = tmp_path / "empty"
     page, source = _parse(write_report(out, _bare_report()))
     assert page.section_ids == []

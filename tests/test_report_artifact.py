@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from diffusion_core import stages
-from diffusion_core.storage import ArtefactStore
-from flows.pipeline import artifact_key, report_artifact_markdown
-from tasks.tracking import ModelRef
+from diffpipe.tasks.artifacts import artifact_key, report_artifact_markdown
+from diffpipe.tasks.tracking import ModelRef
+
+from diffusion_core.pipeline.stages.evaluate import Evaluation
+from diffusion_core.pipeline.stages.safety import SafetyRef
+from diffusion_core.pipeline.store import ArtefactStore
 
 MODEL = ModelRef("quick_start.v2", "3", ["challenger"], "models:/quick_start.v2/3")
-EVALUATION = stages.Evaluation({"fid": 4.734, "kid": 0.0012}, {"sampler": "ddim"})
-SAFETY = stages.SafetyRef("runs/r1/safety", 996, 4, {"invalid": 0.004})
+EVALUATION = Evaluation({"fid": 4.734, "kid": 0.0012}, {"sampler": "ddim"})
+SAFETY = SafetyRef("runs/r1/safety", 996, 4, {"invalid": 0.004})
 DECISION = {"promoted": False, "reason": "FID 4.734 vs 4.900: a tie", "previous_champion": "2"}
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.report import ReportData, write_report
+from diffusion_core.report.html import ReportData, write_report
 from tests.browser import CHROMIUM_NAMES, check_in_browser, find_chromium, require_browser
 
 NUM_CLASSES, PER_CLASS, SIZE = 10, 12, 16
@@ -51,30 +51,54 @@ def class_images(labels: torch.Tensor, *, seed: int) -> torch.Tensor:
 
 
 def full_report() -> ReportData:
-    """A report with every section, shaped like the pipeline's (``stages.make_report``)."""
+    """A report with every section, shaped like the pipeline's (``make_report``)."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS)
     history = [
         {"step": s, "loss": 0.08 + 0.9 * math.exp(-s / 150) * (1 + 0.1 * math.sin(s)), "lr": 2e-4}
         for s in range(10, 1001, 10)
     ]
     sweep = [
-        {"sampler": sampler, "nfe": nfe, "wall_seconds": nfe * cost, "fid": fid,
-         "fid_low": 0.8 * fid, "fid_high": 1.2 * fid}
-        for sampler, base, cost in (("ddpm", 60.0, 0.05), ("ddim", 25.0, 0.05),
-                                    ("dpmpp_2m", 12.0, 0.05))
+        {
+            "sampler": sampler,
+            "nfe": nfe,
+            "wall_seconds": nfe * cost,
+            "fid": fid,
+            "fid_low": 0.8 * fid,
+            "fid_high": 1.2 * fid,
+        }
+        for sampler, base, cost in (
+            ("ddpm", 60.0, 0.05),
+            ("ddim", 25.0, 0.05),
+            ("dpmpp_2m", 12.0, 0.05),
+        )
         for nfe in (5, 10, 25, 50)
         for fid in [4.3 + base / nfe]
-    ]  # fmt: skip
+    ]
     comparison = [
-        {"version": v, "aliases": a, "FID": fid, "FID low": fid - 1.8, "FID high": fid + 1.8,
-         "FID floor": 4.3, "cond. accuracy": acc, "decision": d, "reason": r}
+        {
+            "version": v,
+            "aliases": a,
+            "FID": fid,
+            "FID low": fid - 1.8,
+            "FID high": fid + 1.8,
+            "FID floor": 4.3,
+            "cond. accuracy": acc,
+            "decision": d,
+            "reason": r,
+        }
         for v, a, fid, acc, d, r in (
             (1, "", 9.8, 0.95, "keep champion", "FID 9.800 is not better than 4.900"),
             (2, "champion", 4.9, 0.99, "champion", "the current champion"),
-            (3, "challenger", 4.73, 0.997, "keep champion",
-             "FID 4.730 vs 4.900: within the intervals, a tie"),
+            (
+                3,
+                "challenger",
+                4.73,
+                0.997,
+                "keep champion",
+                "FID 4.730 vs 4.900: within the intervals, a tie",
+            ),
         )
-    ]  # fmt: skip
+    ]
     return ReportData(
         title="quickstart v3",
         run_id="0123456789abcdef0123456789abcdef",

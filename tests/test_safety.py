@@ -8,19 +8,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from diffusion_core.classifier import TrainedClassifier, train_classifier
 from diffusion_core.config import DataConfig, DetectorConfig, SafetyConfig
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
-from diffusion_core.safety import (
-    BUILT_IN,
-    DetectorResult,
-    InvalidImageDetector,
-    MemorisationDetector,
-    SafetyContext,
-    SafetyError,
-    build_chain,
-    filter_images,
-)
+from diffusion_core.evaluation.judge import TrainedClassifier, train_classifier
+from diffusion_core.safety.chain import BUILT_IN, build_chain, filter_images
+from diffusion_core.safety.detector import DetectorResult, SafetyContext, SafetyError
+from diffusion_core.safety.memorisation import MemorisationDetector
+from diffusion_core.safety.sanity import InvalidImageDetector
 
 
 @pytest.fixture(scope="module", params=[(16, None), (32, 3)], ids=["16px-grey", "32px-rgb"])

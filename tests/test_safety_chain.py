@@ -16,11 +16,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from diffusion_core.clip import load_clip
-from diffusion_core.concepts import ConceptDetector, read_labelled_folder, threshold_for_fnr
 from diffusion_core.config import DataConfig, DetectorConfig, SafetyConfig, load_config
-from diffusion_core.images import to_pil
-from diffusion_core.safety import SafetyContext, build_chain, filter_images, plugin_names
+from diffusion_core.io import to_pil
+from diffusion_core.safety.calibrate import read_labelled_folder, threshold_for_fnr
+from diffusion_core.safety.chain import build_chain, filter_images, plugin_names
+from diffusion_core.safety.concepts import ConceptDetector
+from diffusion_core.safety.detector import SafetyContext
+from diffusion_core.text import load_clip
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = str(REPO / "configs" / "clip" / "tiny-clip.json")
@@ -180,7 +182,7 @@ def write_labelled(root: Path, *, seed: int, n_unsafe: int, n_safe: int) -> None
 def test_calibrated_thresholds_reproduce_the_target_fnr_on_held_out_data(
     clip_weights: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from diffpipe.flows.cli import main
 
     n_unsafe, n_safe, target = 400, 200, 0.1
     write_labelled(tmp_path / "calibration", seed=1, n_unsafe=n_unsafe, n_safe=n_safe)
@@ -221,7 +223,7 @@ def test_calibrated_thresholds_reproduce_the_target_fnr_on_held_out_data(
 
 
 def test_calibration_refuses_unconfigured_concepts(clip_weights: str, tmp_path: Path) -> None:
-    from flows.cli import main
+    from diffpipe.flows.cli import main
 
     write_labelled(tmp_path / "data", seed=1, n_unsafe=5, n_safe=5)
     config = tmp_path / "run.yaml"
@@ -241,13 +243,14 @@ def test_calibration_refuses_unconfigured_concepts(clip_weights: str, tmp_path: 
 def test_stage_commits_published_quarantine_and_one_audit_line_per_sample(
     tmp_path: Path, clip_weights: str
 ) -> None:
-    from diffusion_core import stages
-    from diffusion_core.storage import ArtefactStore
+    from diffusion_core.pipeline.stages.dataset import prepare_dataset, read_split
+    from diffusion_core.pipeline.stages.safety import safety_filter
+    from diffusion_core.pipeline.store import ArtefactStore
 
     store = ArtefactStore(f"file://{tmp_path / 'store'}")
-    dataset = stages.prepare_dataset(DataConfig(image_size=8), store)
-    train = stages.read_split(store, dataset, "train")
-    holdout = stages.read_split(store, dataset, "holdout")
+    dataset = prepare_dataset(DataConfig(image_size=8), store)
+    train = read_split(store, dataset, "train")
+    holdout = read_split(store, dataset, "holdout")
     images = torch.cat(
         [holdout.images[:20], train.images[:6], torch.zeros((2, 1, 8, 8), dtype=torch.uint8)]
     )
@@ -267,7 +270,7 @@ def test_stage_commits_published_quarantine_and_one_audit_line_per_sample(
             DetectorConfig(name="brightness", enabled=False),  # not installed, not enabled
         )
     )
-    ref = stages.safety_filter(
+    ref = safety_filter(
         store, ["runs/r/samples/shard-00000"], dataset, out_prefix="runs/r/safety", safety=safety
     )
 

@@ -14,18 +14,15 @@ from typing import Any
 
 import pytest
 
-from diffusion_core import storage
-from diffusion_core.storage import (
+from diffusion_core.io import sha256_bytes, sha256_file
+from diffusion_core.pipeline import store as storage
+from diffusion_core.pipeline.errors import ArtefactNotFoundError, IntegrityError, StorageError
+from diffusion_core.pipeline.store import (
     MANIFEST,
-    ArtefactNotFoundError,
     ArtefactRecord,
     ArtefactStore,
-    IntegrityError,
-    StorageError,
     default_root,
     s3_storage_options,
-    sha256_bytes,
-    sha256_file,
 )
 from tests.conftest import free_port
 
@@ -431,7 +428,7 @@ def test_local_write_goes_through_a_hidden_temporary(
     assert not exists_during
     assert listed_during == ["ckpt/other.bin"]
     assert [p for p in on_disk_during if p.startswith("ckpt/.tmp/")], on_disk_during
-    assert [p for p in on_disk_during if p.endswith("-model.bin")]
+    assert [p for p in on_disk_during if p.startswith("ckpt/.tmp/.model.bin.tmp-")]
     assert store.get_bytes("ckpt/model.bin") == b"weights" * 1000
     assert not (tmp_path / "artefacts/ckpt/.tmp").exists()  # tidied after the commit
 

@@ -7,22 +7,34 @@ import pytest
 import torch
 
 from diffusion_core.config import SweepSetting, parse_config
-from diffusion_core.metrics import frechet_distance, half_sample_interval
-from diffusion_core.sweep import count_forwards, fewest_nfe_match, run_sweep
-from diffusion_core.training import ModelSpec
-from tests.conftest import TINY
+from diffusion_core.evaluation.fidelity import half_sample_interval
+from diffusion_core.evaluation.sweep import count_forwards, fewest_nfe_match, run_sweep
+from diffusion_core.sampling import SampleRequest
+from tests.conftest import TINY, card_for
+from tests.oracles import frechet_distance
 
 
 def row(sampler: str, steps: int, fid: float, half_width: float = 0.1, wall: float = 1.0) -> dict:
-    return {"sampler": sampler, "steps": steps, "nfe": float(steps), "wall_seconds": wall,
-            "fid": fid, "fid_low": fid - half_width, "fid_high": fid + half_width}  # fmt: skip
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "nfe": float(steps),
+        "wall_seconds": wall,
+        "fid": fid,
+        "fid_low": fid - half_width,
+        "fid_high": fid + half_width,
+    }
 
 
 def test_fewest_nfe_match_against_the_longest_ddpm():
     rows = [
-        row("ddim", 50, 1.05), row("ddpm", 1000, 1.0, 0.2), row("ddpm", 100, 3.0),
-        row("dpmpp_2m", 5, 1.5), row("dpmpp_2m", 10, 1.19, wall=2.0), row("ddim", 10, 1.15),
-    ]  # fmt: skip
+        row("ddim", 50, 1.05),
+        row("ddpm", 1000, 1.0, 0.2),
+        row("ddpm", 100, 3.0),
+        row("dpmpp_2m", 5, 1.5),
+        row("dpmpp_2m", 10, 1.19, wall=2.0),
+        row("ddim", 10, 1.15),
+    ]
     best = fewest_nfe_match(rows)
     assert (best["reference"]["sampler"], best["reference"]["steps"]) == ("ddpm", 1000)
     # Two settings at 10 NFE reach FID <= 1.2: the faster one wins.
@@ -39,24 +51,36 @@ def test_fewest_nfe_match_against_the_longest_ddpm():
 def test_sweep_counts_one_network_call_per_step_with_batched_guidance(single_thread):
     cfg = parse_config({**TINY, "diffusion": {"num_steps": 50}})
     torch.manual_seed(0)
-    spec = ModelSpec(cfg, 1, 8, [str(i) for i in range(10)], 10, "x")
-    net = spec.build().eval()
+    card = card_for(cfg)
+    net = card.build().eval()
     reference = torch.randint(0, 256, (40, 1, 8, 8), generator=torch.Generator().manual_seed(1))
 
-    def judge(images: torch.Tensor) -> dict[str, float]:
-        """FID on raw pixels: a real if crude judge."""
+    def score(images: torch.Tensor) -> dict[str, float]:
+        """FID on raw pixels: a real if crude measure."""
         g, r = images.flatten(1).double(), reference.flatten(1).double()
         lo, hi = half_sample_interval(frechet_distance, g, r, draws=5)
-        return {"fid": frechet_distance(g, r), "fid_low": lo, "fid_high": hi, "kid": 0.0,
-                "precision": 0.0, "recall": 0.0}  # fmt: skip
+        return {
+            "fid": frechet_distance(g, r),
+            "fid_low": lo,
+            "fid_high": hi,
+            "kid": 0.0,
+            "precision": 0.0,
+            "recall": 0.0,
+        }
 
-    settings = (SweepSetting(sampler="ddpm", steps=7), SweepSetting(sampler="ddim", steps=3),
-                SweepSetting(sampler="dpmpp_2m", steps=4))  # fmt: skip
+    settings = (
+        SweepSetting(sampler="ddpm", steps=7),
+        SweepSetting(sampler="ddim", steps=3),
+        SweepSetting(sampler="dpmpp_2m", steps=4),
+    )
     for scale in (1.0, 2.0):
-        base = cfg.sample.model_copy(update={"guidance_scale": scale, "batch_size": 4})
-        rows = run_sweep(net, spec, base, settings, num_samples=10, judge=judge)  # 3 batches
-        assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddpm", 7), ("ddim", 3),
-                                                           ("dpmpp_2m", 4)]  # fmt: skip
+        base = SampleRequest(guidance_scale=scale, batch_size=4, num_samples=10)  # 3 batches
+        rows = run_sweep(net, card, base, settings, score=score)
+        assert [(r["sampler"], r["nfe"]) for r in rows] == [
+            ("ddpm", 7),
+            ("ddim", 3),
+            ("dpmpp_2m", 4),
+        ]
         assert all(r["fid_low"] < r["fid"] < r["fid_high"] and r["wall_seconds"] > 0 for r in rows)
         assert {r["guidance_scale"] for r in rows} == {scale}
     with count_forwards(net) as calls:
@@ -66,8 +90,7 @@ def test_sweep_counts_one_network_call_per_step_with_batched_guidance(single_thr
 
 def test_cli_evaluate_rejects_a_bad_evaluation_file_before_starting(tmp_path, capsys):
     import yaml
-
-    from flows.cli import main
+    from diffpipe.flows.cli import main
 
     bad = tmp_path / "sweep.yaml"
     bad.write_text(yaml.safe_dump({"evaluation": {"sweep": [{"sampler": "euler", "steps": 5}]}}))
@@ -75,6 +98,10 @@ def test_cli_evaluate_rejects_a_bad_evaluation_file_before_starting(tmp_path, ca
     err = capsys.readouterr().err
     assert str(bad) in err and "evaluation.sweep.0.sampler" in err
     (tmp_path / "empty.yaml").write_text("sample: {steps: 3}\n")
-    assert main(["evaluate", "--model", "models:/none/1", "--evaluation",
-                 str(tmp_path / "empty.yaml")]) == 2  # fmt: skip
+    assert (
+        main(
+            ["evaluate", "--model", "models:/none/1", "--evaluation", str(tmp_path / "empty.yaml")]
+        )
+        == 2
+    )
     assert "needs an 'evaluation:' section" in capsys.readouterr().err

@@ -12,25 +12,29 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.clip import ClipError, ClipModel, load_clip
-from diffusion_core.config import DataConfig, SampleConfig, TextConfig, parse_config
-from diffusion_core.data import load_dataset, load_folder
+from diffusion_core.config import DataConfig, SamplingDefaults, TextConfig, parse_config
+from diffusion_core.data import load_dataset
+from diffusion_core.data.sources import load_folder
+from diffusion_core.evaluation.shapes import adherence, detect, parse_caption
 from diffusion_core.guidance import ClassifierFreeGuidance
+from diffusion_core.model import load_model
 from diffusion_core.parameterization import PREDICTIONS, Denoiser
-from diffusion_core.sampling import _text_denoiser, generate, spec_text_encoder
+from diffusion_core.sampling import SampleRequest, card_text_encoder, generate, text_denoiser
 from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.shapes_eval import adherence, detect, parse_caption
 from diffusion_core.text import (
     NULL_PROMPT,
+    ClipError,
+    ClipModel,
     PromptTable,
     TextEncoderMismatch,
     cycle_prompts,
+    load_clip,
     load_text_encoder,
     resolve_context_dim,
     state_fingerprint,
     text_cond,
 )
-from diffusion_core.training import load_model, train
+from diffusion_core.training import train
 from diffusion_core.unet import UNet
 
 TINY_CLIP = str(Path(__file__).resolve().parents[1] / "configs" / "clip" / "tiny-clip.json")
@@ -52,7 +56,7 @@ def text_config(tmp_path: Path, **text: object) -> dict:
         "text": {"model": TINY_CLIP, **text},
         "diffusion": {"num_steps": 50},
         "train": {"steps": 2, "batch_size": 8, "warmup_steps": 1, "log_every": 1},
-        "sample": {"steps": 2, "num_samples": 4, "guidance_scale": 2.0, "prompts": PROMPTS},
+        "sample": {"steps": 2, "guidance_scale": 2.0, "prompts": PROMPTS},
     }
 
 
@@ -153,18 +157,18 @@ def test_prompt_dropout_gives_the_empty_prompt_at_the_configured_rate(clip: Clip
 
 
 def test_guidance_scale_one_is_conditional_and_zero_is_the_empty_prompt(text_checkpoint) -> None:
-    net, spec = load_model(text_checkpoint)
+    net, card = load_model(text_checkpoint)
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)
-    clip = spec_text_encoder(spec)
-    schedule = NoiseSchedule.from_name(spec.config.diffusion.schedule, 50)
+    clip = card_text_encoder(card)
+    schedule = NoiseSchedule.from_name(card.diffusion.schedule, 50)
     base = Denoiser(net, schedule, PREDICTIONS["eps"])
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([30, 30])
     with torch.no_grad():
         x0_c = base.with_cond(text_cond(clip, PROMPTS, use_pooled=True))(x, t)
         x0_u = base.with_cond(text_cond(clip, ["", ""], use_pooled=True))(x, t)
         for scale, expected in ((1.0, x0_c), (0.0, x0_u), (2.5, x0_u + 2.5 * (x0_c - x0_u))):
-            sc = SampleConfig(guidance_scale=scale, clip_x0=False)
-            guided = _text_denoiser(net, spec, sc, clip, PROMPTS)
+            knobs = SamplingDefaults(guidance_scale=scale, clip_x0=False)
+            guided = text_denoiser(net, card, knobs, clip, PROMPTS)
             if scale != 1.0:
                 assert isinstance(guided, ClassifierFreeGuidance)
             torch.testing.assert_close(guided(x, t), expected, rtol=1e-5, atol=1e-5)
@@ -180,13 +184,13 @@ def test_checkpoint_reloads_the_same_encoder_and_refuses_another(
     import hashlib
     import shutil
 
-    config = json.loads((text_checkpoint / "config.json").read_text())
-    record = config["text_encoder"]
+    card_json = json.loads((text_checkpoint / "card.json").read_text())
+    record = card_json["text_encoder"]
     assert record["weights_sha256"] == hashlib.sha256(clip_weights.read_bytes()).hexdigest()
     assert record["model"] == "tiny-clip" and record["context_dim"] == 64
-    assert config["config"]["model"]["context_dim"] == 64  # from the encoder's width
-    _, spec = load_model(text_checkpoint)
-    assert state_fingerprint(spec_text_encoder(spec)) == record["state_sha256"]
+    assert card_json["model"]["context_dim"] == 64  # from the encoder's width
+    _, card = load_model(text_checkpoint)
+    assert state_fingerprint(card_text_encoder(card)) == record["state_sha256"]
 
     # The same weights at another path load; other weights are refused, naming both hashes.
     torch.manual_seed(6)
@@ -197,25 +201,25 @@ def test_checkpoint_reloads_the_same_encoder_and_refuses_another(
     for path, ok in ((moved, True), (other, False)):
         ckpt = tmp_path / f"ckpt-{path.stem}"
         shutil.copytree(text_checkpoint, ckpt)
-        edited = json.loads((ckpt / "config.json").read_text())
-        edited["config"]["text"]["pretrained"] = str(path)
-        (ckpt / "config.json").write_text(json.dumps(edited))
-        net, spec = load_model(ckpt)
+        edited = json.loads((ckpt / "card.json").read_text())
+        edited["text"]["pretrained"] = str(path)
+        (ckpt / "card.json").write_text(json.dumps(edited))
+        net, card = load_model(ckpt)
+        request = SampleRequest(prompts=tuple(PROMPTS), num_samples=2)
         if ok:
-            assert generate(net, spec, spec.config.sample, num_samples=2).prompts == PROMPTS
+            assert generate(net, card, request).prompts == PROMPTS
         else:
             with pytest.raises(TextEncoderMismatch, match=record["state_sha256"]):
-                generate(net, spec, spec.config.sample, num_samples=2)
+                generate(net, card, request)
 
 
 def test_prompts_and_labels_go_only_to_models_that_take_them(text_checkpoint) -> None:
-    net, spec = load_model(text_checkpoint)
+    net, card = load_model(text_checkpoint)
     with pytest.raises(ValueError, match="pass prompts, not class labels"):
-        generate(net, spec, spec.config.sample, labels=torch.tensor([0, 1]))
-    no_prompts = spec.config.sample.model_copy(update={"prompts": ()})
+        generate(net, card, SampleRequest(prompts=tuple(PROMPTS), labels=(0, 1)))
     with pytest.raises(ValueError, match="give prompts"):
-        generate(net, spec, no_prompts, num_samples=2)
-    samples = generate(net, spec, no_prompts, num_samples=5, prompts=["a", "b"], offset=1)
+        generate(net, card, SampleRequest(num_samples=2))
+    samples = generate(net, card, SampleRequest(num_samples=5, prompts=("a", "b")), offset=1)
     assert samples.prompts == ["b", "a", "b", "a", "b"] == cycle_prompts(["a", "b"], 5, offset=1)
 
 
@@ -234,8 +238,8 @@ def test_image_folder_with_captions_trains_a_text_model(tmp_path: Path) -> None:
     dataset = load_folder(cfg.data)
     assert dataset.captions == [f"a picture number {i % 4}" for i in range(8)]
     result = train(cfg, dataset, tmp_path / "run", progress=False)
-    net, spec = load_model(result.checkpoint)
-    samples = generate(net, spec, spec.config.sample, num_samples=2, prompts=["a picture"])
+    net, card = load_model(result.checkpoint)
+    samples = generate(net, card, SampleRequest(num_samples=2, prompts=("a picture",)))
     assert samples.images.shape == (2, 3, 8, 8)
 
 
@@ -247,23 +251,16 @@ def test_a_class_conditional_config_cannot_have_text() -> None:
 
 
 def test_pipeline_sample_step_cycles_prompts_across_shards(text_checkpoint, tmp_path) -> None:
-    from diffusion_core.stages import sample_shard
-    from diffusion_core.storage import ArtefactStore
+    from diffusion_core.pipeline.stages.sample import sample_shard
+    from diffusion_core.pipeline.store import ArtefactStore
 
     store = ArtefactStore(f"file://{tmp_path / 'store'}")
     store.put_dir("run/checkpoint", text_checkpoint)
-    _, spec = load_model(text_checkpoint)
-    sc = spec.config.sample.model_copy(update={"prompts": ("p0", "p1", "p2")})
+    request = SampleRequest(prompts=("p0", "p1", "p2"), num_samples=4)
     prompts = []
     for shard in (0, 1):
         ref = sample_shard(
-            store,
-            "run/checkpoint",
-            sc,
-            out_prefix="run/samples",
-            shard=shard,
-            shard_size=2,
-            total=4,
+            store, "run/checkpoint", request, out_prefix="run/samples", shard=shard, shard_size=2
         )
         lines = store.get_bytes(f"{ref.prefix}/metadata.jsonl").decode().splitlines()
         prompts += [json.loads(line)["prompt"] for line in lines]
@@ -274,7 +271,7 @@ def test_pipeline_sample_step_cycles_prompts_across_shards(text_checkpoint, tmp_
 
 
 def test_cli_samples_prompts_and_refuses_labels(text_checkpoint, tmp_path: Path) -> None:
-    from flows.cli import EXIT_BAD_INPUT, main
+    from diffpipe.flows.cli import EXIT_BAD_INPUT, main
 
     out = tmp_path / "samples"
     args = ["sample", "--checkpoint", str(text_checkpoint), "--steps", "2", "--num", "3"]
@@ -292,7 +289,7 @@ def test_cli_samples_prompts_and_refuses_labels(text_checkpoint, tmp_path: Path)
 
 
 def test_cli_refuses_prompts_for_a_class_conditional_model(tmp_path, tiny_config_dict) -> None:
-    from flows.cli import EXIT_BAD_INPUT, main
+    from diffpipe.flows.cli import EXIT_BAD_INPUT, main
 
     cfg = parse_config(tiny_config_dict | {"train": tiny_config_dict["train"] | {"steps": 1}})
     ckpt = train(cfg, load_dataset(cfg.data), tmp_path, progress=False).checkpoint
@@ -310,7 +307,7 @@ def test_pyfunc_takes_prompts(text_checkpoint, tmp_path: Path) -> None:
         python_model=str(code),
         artifacts={
             "weights": str(text_checkpoint / "ema.safetensors"),
-            "config": str(text_checkpoint / "config.json"),
+            "card": str(text_checkpoint / "card.json"),
         },
     )
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"))

@@ -9,19 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_core import training
-from diffusion_core.config import SampleConfig, parse_config
+from diffusion_core import model, training
+from diffusion_core.config import parse_config
 from diffusion_core.data import ImageDataset
-from diffusion_core.sampling import generate
-from diffusion_core.training import (
-    EMA,
-    BatchStream,
-    TrainingError,
-    latest_checkpoint,
-    load_model,
-    train,
-    write_checkpoint,
-)
+from diffusion_core.model import ModelCard, latest_checkpoint, load_model, write_checkpoint
+from diffusion_core.sampling import SampleRequest, generate
+from diffusion_core.training import EMA, BatchStream, TrainingError, train
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +63,30 @@ def test_resume_refuses_another_config(tmp_path, tiny_config_dict):
     cfg = parse_config(tiny_config_dict)
     train(cfg, toy_dataset(), tmp_path, max_steps=1, progress=False)
     tiny_config_dict["train"]["lr"] = 5e-4
-    with pytest.raises(TrainingError, match="another config"):
+    with pytest.raises(TrainingError, match="another model, diffusion, text or train setting"):
         train(parse_config(tiny_config_dict), toy_dataset(), tmp_path, progress=False)
+
+
+def test_resume_is_keyed_on_what_changes_the_weights(tmp_path, tiny_config_dict):
+    """Sampling, safety, evaluation, pipeline and bookkeeping settings resume the same training
+    and give its card their sampling defaults; the data's content does not."""
+    cfg = parse_config(tiny_config_dict)
+    first = train(cfg, toy_dataset(), tmp_path, progress=False)
+    changed = {
+        **tiny_config_dict,
+        "sample": {**tiny_config_dict["sample"], "guidance_scale": 3.5, "steps": 9},
+        "safety": {"detectors": [{"name": "sanity"}]},
+        "evaluation": {"interval_draws": 7},
+        "pipeline": {"num_samples": 10, "shards": 3},
+        "train": {**tiny_config_dict["train"], "log_every": 2, "checkpoint_every": 5},
+    }
+    again = train(parse_config(changed), toy_dataset(), tmp_path, progress=False)
+    assert again.steps == 0 and again.checkpoint == first.checkpoint
+    assert again.card.sampling.guidance_scale == 3.5 and again.card.sampling.steps == 9
+    other = toy_dataset()
+    other.images[0] ^= 1  # one pixel of one image differs: other data, another training
+    with pytest.raises(TrainingError, match="other data"):
+        train(cfg, other, tmp_path, progress=False)
 
 
 def test_training_reduces_loss_and_checkpoint_loads(tmp_path, tiny_config_dict):
@@ -85,14 +100,16 @@ def test_training_reduces_loss_and_checkpoint_loads(tmp_path, tiny_config_dict):
         "step-0000020",
         "step-0000040",
     ]
-    net, spec = load_model(tmp_path / "checkpoints")
-    assert spec.num_classes == 3 and spec.dataset_sha256 == data.sha256()
-    sc = SampleConfig(sampler="ddim", steps=4, guidance_scale=2.0, batch_size=4)
-    out = generate(net, spec, sc, num_samples=6)
+    net, card = load_model(tmp_path / "checkpoints")
+    assert card.num_classes == 3 and card.dataset_sha256 == data.sha256()
+    request = SampleRequest(
+        sampler="ddim", steps=4, guidance_scale=2.0, batch_size=4, num_samples=6
+    )
+    out = generate(net, card, request)
     assert out.images.shape == (6, 1, 8, 8) and out.images.dtype == torch.uint8
     assert out.labels.tolist() == [0, 1, 2, 0, 1, 2]
     # Samples do not depend on how they are batched.
-    again = generate(net, spec, sc.model_copy(update={"batch_size": 6}), num_samples=6)
+    again = generate(net, card, request.model_copy(update={"batch_size": 6}))
     assert torch.equal(out.images, again.images)
 
 
@@ -117,7 +134,7 @@ def test_interrupted_checkpoint_write_leaves_previous(tmp_path, tiny_config_dict
             raise OSError("disk full")
         torch.save(tensors, path)
 
-    monkeypatch.setattr(training, "save_file", failing_save)
+    monkeypatch.setattr(model, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         train(cfg, toy_dataset(), tmp_path, progress=False)
     assert latest_checkpoint(tmp_path / "checkpoints") == first.checkpoint
@@ -126,10 +143,18 @@ def test_interrupted_checkpoint_write_leaves_previous(tmp_path, tiny_config_dict
 
 def test_write_checkpoint_keeps_last_two(tmp_path, tiny_config_dict):
     cfg = parse_config(tiny_config_dict)
-    spec = training.ModelSpec(cfg, 1, 8, ["a"], 1, "x")
+    card = ModelCard(
+        model=cfg.model,
+        diffusion=cfg.diffusion,
+        in_channels=1,
+        image_size=8,
+        class_names=("a",),
+        num_classes=1,
+        dataset_sha256="x",
+    )
     w = {"w": torch.ones(2)}
     for step in (1, 2, 3):
-        write_checkpoint(tmp_path, step, spec=spec, weights=w, ema=w, state={"step": step})
+        write_checkpoint(tmp_path, step, card=card, weights=w, ema=w, state={"step": step})
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000002", "step-0000003"]
     assert latest_checkpoint(tmp_path) == tmp_path / "step-0000003"
     assert not list(tmp_path.glob(".tmp*"))
@@ -166,13 +191,30 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_config_file):
     """torchrun with 2 gloo processes trains to the same weights as one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFPIPE_HOME": str(tmp_path)}
     common = ["--config", str(tiny_config_file), "--quiet", "--set", "train.precision=fp32"]
-    single = [sys.executable, "-m", "flows.cli", "train", "--out", str(tmp_path / "one"), *common]
+    single = [
+        sys.executable,
+        "-m",
+        "diffpipe.flows.cli",
+        "train",
+        "--out",
+        str(tmp_path / "one"),
+        *common,
+    ]
     subprocess.run(single, check=True, env=env, cwd=REPO, timeout=300)
     ddp = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        "-m", "flows.cli", "train", "--out", str(tmp_path / "two"), *common,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "diffpipe.flows.cli",
+        "train",
+        "--out",
+        str(tmp_path / "two"),
+        *common,
+    ]
     subprocess.run(ddp, check=True, env=env, cwd=REPO, timeout=300)
     one = weights(latest_checkpoint(tmp_path / "one" / "checkpoints"), "weights.safetensors")
     two = weights(latest_checkpoint(tmp_path / "two" / "checkpoints"), "weights.safetensors")

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from diffusion_core.config import ModelConfig
+from diffusion_core.model import ModelCard
 from diffusion_core.parameterization import Cond
-from diffusion_core.unet import UNet, build_unet, num_groups
+from diffusion_core.unet import UNet, num_groups
 
 SMALL: dict[str, Any] = {
     "base_channels": 16,
@@ -256,21 +257,27 @@ def test_bad_arguments_raise_value_error_naming_them(overrides: dict[str, Any], 
         make(**overrides)
 
 
-def test_build_unet_from_config() -> None:
+def card(model: ModelConfig, *, in_channels: int, num_classes: int | None) -> ModelCard:
+    return ModelCard(
+        model=model,
+        diffusion={},
+        in_channels=in_channels,
+        image_size=8,
+        num_classes=num_classes,
+        dataset_sha256="0" * 64,
+    )
+
+
+def test_model_card_builds_the_configured_unet() -> None:
     cfg = ModelConfig(
         base_channels=16, channel_mults=(1, 2), attention_resolutions=(4,), num_heads=2
     )
-    net = build_unet(cfg, in_channels=3, image_size=8, num_classes=5)
+    net = card(cfg, in_channels=3, num_classes=5).build()
     assert net.null_class == 5
     x, t = inputs(2, 3, 8)
     assert net(x, t).shape == x.shape
-    uncond = build_unet(
-        cfg.model_copy(update={"class_conditional": False}),
-        in_channels=1,
-        image_size=8,
-        num_classes=5,
-    )
-    assert uncond.class_embed is None
+    unconditional = cfg.model_copy(update={"class_conditional": False})
+    assert card(unconditional, in_channels=1, num_classes=5).build().class_embed is None
 
 
 @pytest.mark.gpu

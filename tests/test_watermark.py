@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from diffpipe.flows.cli import main
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffusion_core import stages
 from diffusion_core import watermark as wm
 from diffusion_core.config import (
     DataConfig,
@@ -28,8 +28,12 @@ from diffusion_core.config import (
     parse_config,
 )
 from diffusion_core.data import load_dataset
-from diffusion_core.storage import ArtefactStore
-from flows.cli import main
+from diffusion_core.io import psnr
+from diffusion_core.pipeline.stages.dataset import prepare_dataset
+from diffusion_core.pipeline.stages.safety import read_published, safety_filter
+from diffusion_core.pipeline.stages.sample import read_tensors
+from diffusion_core.pipeline.stages.watermark import watermark_published
+from diffusion_core.pipeline.store import ArtefactStore
 
 KEY = wm.WatermarkKey(b"0123456789abcdef-test-key", source="test")
 OTHER_KEY = wm.WatermarkKey(b"another-secret-of-enough-bytes", source="other")
@@ -216,9 +220,9 @@ def test_distortion_matches_the_dither_quantiser_closed_form(size, count):
 def test_psnr_on_the_quickstart_digits(digits):
     images = digits[:200]
     marked = wm.embed(images, PAYLOAD, KEY)
-    psnrs = np.array([wm.psnr(a, b) for a, b in zip(images, marked, strict=True)])
+    psnrs = np.array([psnr(a, b) for a, b in zip(images, marked, strict=True)])
     assert psnrs.mean() >= 38.5 and psnrs.min() >= 34.0
-    assert wm.psnr(images[0], images[0]) == float("inf")
+    assert psnr(images[0], images[0]) == float("inf")
 
 
 # ----------------------------------------------------------------------------- keys
@@ -313,38 +317,47 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
     secret = "stage-secret-key-0123456789"
     monkeypatch.setenv("STAGE_WM_KEY", secret)
     store = ArtefactStore(f"file://{tmp_path / 'store'}")
-    dataset = stages.prepare_dataset(DataConfig(kind="digits", image_size=16), store)
+    dataset = prepare_dataset(DataConfig(kind="digits", image_size=16), store)
     # One shard: ten digits and two blank images (which the sanity detector quarantines).
     images = torch.cat([digits[-10:], torch.zeros(2, 1, 16, 16, dtype=torch.uint8)])
     shard = tmp_path / "shard"
     shard.mkdir()
-    save_file({"images": images, "labels": torch.arange(12) % 10,
-               "seeds": torch.arange(12)}, shard / "images.safetensors")  # fmt: skip
+    save_file(
+        {"images": images, "labels": torch.arange(12) % 10, "seeds": torch.arange(12)},
+        shard / "images.safetensors",
+    )
     store.put_dir("runs/r1/samples/shard-00000", shard)
     chain = SafetyConfig(detectors=[DetectorConfig(name="sanity")])
-    safety = stages.safety_filter(store, ["runs/r1/samples/shard-00000"], dataset,
-                                  out_prefix="runs/r1/safety", safety=chain)  # fmt: skip
+    safety = safety_filter(
+        store, ["runs/r1/samples/shard-00000"], dataset, out_prefix="runs/r1/safety", safety=chain
+    )
     assert (safety.published, safety.quarantined) == (10, 2)
     before = store.read_manifest("runs/r1/safety")["files"]
 
     cfg = WatermarkConfig(enabled=True, key_env="STAGE_WM_KEY")
     with caplog.at_level(logging.DEBUG):
-        ref = stages.watermark_published(store, safety, out_prefix="runs/r1/published",
-                                         model_name="quickstart", model_version="7",
-                                         run_id="r1", cfg=cfg)  # fmt: skip
+        ref = watermark_published(
+            store,
+            safety,
+            out_prefix="runs/r1/published",
+            model_name="quickstart",
+            model_version="7",
+            run_id="r1",
+            cfg=cfg,
+        )
     key = wm.load_key(key_env="STAGE_WM_KEY")
     assert (ref.marked, ref.key_id, ref.model_version) == (10, key.key_id, "7")
     assert ref.psnr_min is not None and ref.psnr_min > 30
     assert ref.safety == dataclasses.replace(safety, prefix="runs/r1/published")
 
     # What reads the published set next gets the marked images, labels and seeds kept.
-    published = stages.read_published(store, ref.safety.prefix)
+    published = read_published(store, ref.safety.prefix)
     assert all(r.payload == PAYLOAD for r in wm.decode(published["images"], key))
     assert torch.equal(published["labels"], torch.arange(10))
-    assert 0 < wm.psnr(images[:10], published["images"]) < float("inf")
+    assert 0 < psnr(images[:10], published["images"]) < float("inf")
     # The filter's own output is untouched, byte for byte; quarantined images carry no mark.
     assert store.read_manifest("runs/r1/safety")["files"] == before
-    quarantine = stages._read_tensors(store, "runs/r1/safety", "quarantine/images.safetensors")
+    quarantine = read_tensors(store, "runs/r1/safety", "quarantine/images.safetensors")
     assert torch.equal(quarantine["images"], images[10:])
     assert not any(r.marked for r in wm.decode(quarantine["images"], key))
 
@@ -358,9 +371,15 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
 
     # Safe to re-run: the committed record comes back, nothing is rewritten.
     committed = store.read_manifest("runs/r1/published")
-    again = stages.watermark_published(store, safety, out_prefix="runs/r1/published",
-                                       model_name="quickstart", model_version="7",
-                                       run_id="r1", cfg=cfg)  # fmt: skip
+    again = watermark_published(
+        store,
+        safety,
+        out_prefix="runs/r1/published",
+        model_name="quickstart",
+        model_version="7",
+        run_id="r1",
+        cfg=cfg,
+    )
     assert again == ref and store.read_manifest("runs/r1/published") == committed
     # The key never reaches the logs or the store.
     assert secret not in caplog.text

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from diffusion_core import watermark as wm
-from diffusion_core.storage import ArtefactStore, default_root
+from diffusion_core.io import psnr
+from diffusion_core.pipeline.store import ArtefactStore, default_root
 from tests.conftest import TINY
 from tests.test_pipeline import _logs, _task_runs
 
@@ -37,9 +38,9 @@ def test_nightly_publishes_marked_images(harness, tmp_path, monkeypatch):
     }
     path = tmp_path / "wm.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    from flows.pipeline import nightly
+    from diffpipe.flows.pipeline import nightly
 
-    state = nightly(config_path=str(path), return_state=True)
+    state = nightly(config=str(path), return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     names = [tr.name for tr in asyncio.run(_task_runs(state.state_details.flow_run_id))]
@@ -63,7 +64,7 @@ def test_nightly_publishes_marked_images(harness, tmp_path, monkeypatch):
     # The filter's published set (unmarked) is the one that was marked; quarantine is not.
     store.get_dir(f"{run}/safety", tmp_path / "safety")
     filtered = load_file(tmp_path / "safety" / "published.safetensors")["images"]
-    assert 0 < wm.psnr(filtered, published) < float("inf")
+    assert 0 < psnr(filtered, published) < float("inf")
     quarantine = load_file(tmp_path / "safety" / "quarantine" / "images.safetensors")["images"]
     assert not any(r.marked for r in wm.decode(quarantine, key))
     pngs = sorted(local.glob("*.png"))

@@ -1,0 +1,1 @@
+"""Run configs that ship with diffpipe (package data: ``diffpipe run --config quickstart``)."""

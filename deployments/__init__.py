@@ -1,0 +1,1 @@
+"""Prefect deployments and work-pool templates that ship with diffpipe (package data)."""

@@ -1,0 +1,325 @@
+"""Where images come from: scikit-learn's digits (offline), image folders on any fsspec URL (one
+class per sub-folder, or flat; captions from ``captions.csv`` / ``captions.jsonl``), and
+torchvision's MNIST, FashionMNIST and CIFAR-10 from a local root."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import posixpath
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion_core.config import DataConfig
+from diffusion_core.data.dataset import DatasetError, ImageDataset, match_channels, resize_uint8
+from diffusion_core.io import CONVERT, ImageReadError, image_tensor, open_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+CAPTION_FILES = ("captions.csv", "captions.jsonl")
+_READ_BATCH = 256  # files fetched per fsspec ``cat_ranges`` call
+_NAMED_SKIPS = 5  # how many skipped files a warning names
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits(cfg: DataConfig) -> ImageDataset:
+    """scikit-learn's 1,797 8x8 handwritten digits (bundled, offline), resized to image_size."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    grey = torch.as_tensor(np.asarray(bunch.images, dtype=np.float32) * (255.0 / 16.0))
+    images = resize_uint8(grey.unsqueeze(1), cfg.image_size)
+    return ImageDataset(
+        images=match_channels(images, cfg.channels),
+        labels=torch.as_tensor(np.asarray(bunch.target), dtype=torch.long),
+        class_names=[str(d) for d in range(10)],
+        source="sklearn.datasets.load_digits",
+    )
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def _storage_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint."""
+    options = dict(storage_options or {})
+    protocol, _ = fsspec.core.split_protocol(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = options.get("client_kwargs") or {}
+    if (
+        protocol in ("s3", "s3a")
+        and endpoint
+        and "endpoint_url" not in options
+        and "endpoint_url" not in client_kwargs
+    ):
+        options["endpoint_url"] = endpoint
+    return options
+
+
+def _is_image(path: str) -> bool:
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden(path: str) -> bool:
+    return posixpath.basename(path.rstrip("/")).startswith(".")
+
+
+def _list_images(
+    fs: fsspec.AbstractFileSystem, root: str, *, accept: Callable[[str], bool] = _is_image
+) -> tuple[list[str], list[int], list[str]]:
+    """Image paths (or other files that ``accept`` takes) under ``root`` with labels and class
+    names.
+
+    Sub-folders holding images are classes (labels follow sorted folder names); without any,
+    images directly in ``root`` form an unlabelled set and the class list is empty.
+    """
+    entries = [e for e in fs.ls(root, detail=True) if not _is_hidden(e["name"])]
+    classes: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry["type"] != "directory":
+            continue
+        found = sorted(p for p in fs.find(entry["name"]) if accept(p) and not _is_hidden(p))
+        if found:
+            classes[posixpath.basename(entry["name"].rstrip("/"))] = found
+    loose = sorted(e["name"] for e in entries if e["type"] != "directory" and accept(e["name"]))
+    if not classes:
+        return loose, [], []
+    if loose:
+        logger.warning("%s: ignoring %d image(s) outside the class sub-folders", root, len(loose))
+    names = sorted(classes)
+    paths = [p for name in names for p in classes[name]]
+    labels = [label for label, name in enumerate(names) for _ in classes[name]]
+    return paths, labels, names
+
+
+def read_all(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> Iterable[tuple[str, Any]]:
+    """(path, bytes or the exception raised while reading it), in ``paths`` order.
+
+    ``cat_ranges`` takes paths literally (``cat`` would treat "[1]" in a name as a glob) and
+    fetches each batch concurrently on object stores.
+    """
+    for start in range(0, len(paths), _READ_BATCH):
+        batch = list(paths[start : start + _READ_BATCH])
+        try:
+            blobs = fs.cat_ranges(batch, None, None, on_error="return")
+        except NotImplementedError:
+            blobs = [_read_one(fs, path) for path in batch]
+        yield from zip(batch, blobs, strict=True)
+
+
+def _read_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes | OSError:
+    try:
+        return fs.cat_file(path)
+    except OSError as exc:
+        return exc
+
+
+def _parse_captions_csv(text: str, where: str) -> dict[str, str]:
+    reader = csv.DictReader(io.StringIO(text))
+    fields = reader.fieldnames or []
+    if "file" not in fields or "caption" not in fields:
+        raise DatasetError(f"{where}: needs columns 'file' and 'caption', found {fields}")
+    return {row["file"]: row["caption"] or "" for row in reader if row.get("file")}
+
+
+def _parse_captions_jsonl(text: str, where: str) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}:{number}: not valid JSON: {exc.msg}") from None
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("file"), str)
+            and isinstance(record.get("caption"), str)
+        ):
+            raise DatasetError(
+                f'{where}:{number}: expected {{"file": str, "caption": str}}, got {line.strip()!r}'
+            )
+        captions[record["file"]] = record["caption"]
+    return captions
+
+
+def _read_captions(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, str] | None:
+    """The root's captions file as {file: caption}, or None when there is none."""
+    present = [name for name in CAPTION_FILES if fs.isfile(posixpath.join(root, name))]
+    if not present:
+        return None
+    if len(present) > 1:
+        raise DatasetError(f"{url}: found both {' and '.join(present)}; keep one")
+    name = present[0]
+    where = posixpath.join(url.rstrip("/"), name)
+    try:
+        text = fs.cat_file(posixpath.join(root, name)).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{where}: not UTF-8 text") from None
+    if name.endswith(".csv"):
+        return _parse_captions_csv(text, where)
+    return _parse_captions_jsonl(text, where)
+
+
+def _match_captions(table: dict[str, str], relpaths: Sequence[str], url: str) -> list[str]:
+    """One caption per image: keyed by path relative to the root, else by file name."""
+    by_name: dict[str, str | None] = {}
+    for key, caption in table.items():
+        name = posixpath.basename(key)
+        by_name[name] = caption if name not in by_name else None  # None marks an ambiguous name
+    captions: list[str] = []
+    missing = 0
+    for rel in relpaths:
+        found = table.get(rel)
+        if found is None:
+            found = by_name.get(posixpath.basename(rel))
+        if found is None:
+            missing += 1
+        captions.append(found or "")
+    if missing:
+        logger.warning("%s: %d image(s) have no caption; using empty captions", url, missing)
+    return captions
+
+
+def report_skips(url: str, skipped: list[str]) -> None:
+    if not skipped:
+        return
+    named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
+    logger.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), named)
+
+
+def list_folder(
+    url: str,
+    what: str,
+    *,
+    accept: Callable[[str], bool] = _is_image,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str, list[str], list[int], list[str]]:
+    """The filesystem and root of the ``what`` folder at ``url``, and its files that ``accept``
+    takes, with labels and class names (see ``_list_images``); a missing or unlistable folder is
+    a DatasetError naming the URL."""
+    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    root = root.rstrip("/") or root
+    if not fs.isdir(root):
+        kind = "not a folder" if fs.exists(root) else "not found"
+        raise DatasetError(f"{url}: {what} folder {kind}")
+    try:
+        paths, labels, class_names = _list_images(fs, root, accept=accept)
+    except OSError as exc:
+        raise DatasetError(f"{url}: cannot list the {what} folder: {exc}") from exc
+    return fs, root, paths, labels, class_names
+
+
+def load_folder(cfg: DataConfig, *, storage_options: dict[str, Any] | None = None) -> ImageDataset:
+    """Images under ``cfg.root`` (any fsspec URL), one class per sub-folder or a flat folder.
+
+    Unreadable files are skipped and counted. ``storage_options`` go to the filesystem; for
+    s3 URLs the ``AWS_ENDPOINT_URL`` environment variable sets the endpoint when given.
+    """
+    url = str(cfg.root)
+    fs, root, paths, labels, class_names = list_folder(
+        url, "image", storage_options=storage_options
+    )
+
+    decoded: list[Image.Image] = []
+    kept: list[int] = []
+    skipped: list[str] = []
+    policy = CONVERT.sized(cfg.image_size)
+    for index, (path, blob) in enumerate(read_all(fs, paths)):
+        if isinstance(blob, BaseException):
+            skipped.append(path)
+            continue
+        try:
+            decoded.append(open_image(blob, policy, where=path))
+        except ImageReadError:
+            skipped.append(path)
+            continue
+        kept.append(index)
+    report_skips(url, skipped)
+    if not decoded:
+        raise DatasetError(
+            f"{url}: no readable images (extensions {sorted(IMAGE_EXTENSIONS)}; "
+            f"{len(skipped)} unreadable file(s) skipped)"
+        )
+
+    channels = cfg.channels or (1 if all(im.mode == "L" for im in decoded) else 3)
+    table = _read_captions(fs, root, url)
+    relpaths = [posixpath.relpath(paths[i], root) for i in kept]
+    return ImageDataset(
+        images=torch.stack([image_tensor(im, channels) for im in decoded]),
+        labels=torch.tensor([labels[i] for i in kept], dtype=torch.long) if class_names else None,
+        class_names=class_names,
+        captions=None if table is None else _match_captions(table, relpaths, url),
+        source=url,
+        skipped=len(skipped),
+    )
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+
+def _local_root(cfg: DataConfig) -> str:
+    protocol, path = fsspec.core.split_protocol(str(cfg.root))
+    if protocol not in (None, "file", "local"):
+        raise DatasetError(
+            f"{cfg.root}: data.kind={cfg.kind!r} reads a local folder; "
+            f"copy the files to local disk or use data.kind='folder' for image folders"
+        )
+    return os.path.expanduser(path)
+
+
+def _load_torchvision(cfg: DataConfig, *, factory: Callable[..., Any]) -> ImageDataset:
+    """A torchvision training split read from ``cfg.root``, resized to image_size."""
+    root = _local_root(cfg)
+    try:
+        dataset = factory(root=root, train=True, download=cfg.download)
+    except (RuntimeError, OSError) as exc:
+        if cfg.download:
+            raise DatasetError(f"{root}: could not download data.kind={cfg.kind!r}: {exc}") from exc
+        raise DatasetError(
+            f"{root}: data.kind={cfg.kind!r} files not found or corrupted; place them there "
+            f"or set `data.download: true` to fetch them ({exc})"
+        ) from exc
+    data = torch.as_tensor(np.asarray(dataset.data, dtype=np.uint8))
+    if data.ndim == 3:  # (N, H, W) greyscale
+        data = data.unsqueeze(1)
+    elif data.ndim == 4 and data.shape[-1] in (1, 3):  # (N, H, W, C)
+        data = data.permute(0, 3, 1, 2)
+    else:
+        raise DatasetError(f"{root}: unexpected image array shape {tuple(data.shape)}")
+    images = resize_uint8(data, cfg.image_size)
+    return ImageDataset(
+        images=match_channels(images, cfg.channels),
+        labels=torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long),
+        class_names=[str(name) for name in dataset.classes],
+        source=f"torchvision {type(dataset).__name__} (train) at {root}",
+    )
+
+
+def load_mnist(cfg: DataConfig) -> ImageDataset:
+    from torchvision.datasets import MNIST
+
+    return _load_torchvision(cfg, factory=MNIST)
+
+
+def load_fashion_mnist(cfg: DataConfig) -> ImageDataset:
+    from torchvision.datasets import FashionMNIST
+
+    return _load_torchvision(cfg, factory=FashionMNIST)
+
+
+def load_cifar10(cfg: DataConfig) -> ImageDataset:
+    from torchvision.datasets import CIFAR10
+
+    return _load_torchvision(cfg, factory=CIFAR10)

@@ -1,0 +1,116 @@
+"""Quality against sampling cost: one model sampled with several samplers and step counts, each
+setting judged by FID (with its interval) beside its network evaluations and wall time.
+
+NFE counts the calls of the network's forward per sample, measured with a forward hook. With
+classifier-free guidance the conditional and unconditional halves run as one forward on a 2B
+batch, which counts once: NFE is then the number of sampler steps for DDPM, DDIM and
+DPM-Solver++(2M). Every setting starts from the same per-sample seeds (common random numbers), so
+differences between settings are not noise draws. The sweep judges raw samples: it runs no safety
+filter (its images are measured, never published).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from diffusion_core.config import SweepSetting
+from diffusion_core.model import ModelCard
+from diffusion_core.sampling import SampleRequest, generate
+
+Scorer = Callable[[Tensor], dict[str, float]]  # uint8 images -> fid, fid_low, fid_high, ...
+
+
+@contextlib.contextmanager
+def count_forwards(net: nn.Module) -> Iterator[list[int]]:
+    """Count calls of ``net.forward`` inside the block (the list's one element)."""
+    calls = [0]
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        calls[0] += 1
+
+    handle = net.register_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def sweep_row(
+    net: nn.Module,
+    card: ModelCard,
+    request: SampleRequest,
+    *,
+    score: Scorer,
+) -> dict[str, Any]:
+    """Sample with ``request``, time it, count NFE and score the images."""
+    num_samples = request.count()
+    with count_forwards(net) as calls:
+        t0 = time.perf_counter()
+        samples = generate(net, card, request)
+        seconds = time.perf_counter() - t0
+    batches = math.ceil(num_samples / request.batch_size)
+    scores = score(samples.images)
+    return {
+        "sampler": samples.knobs.sampler,
+        "steps": samples.knobs.steps,
+        "nfe": calls[0] / batches,
+        "wall_seconds": seconds,
+        "fid": scores["fid"],
+        "fid_low": scores["fid_low"],
+        "fid_high": scores["fid_high"],
+        "kid": scores["kid"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "guidance_scale": samples.knobs.guidance_scale,
+        "num_samples": num_samples,
+        "seed": request.seed,
+    }
+
+
+def run_sweep(
+    net: nn.Module,
+    card: ModelCard,
+    base: SampleRequest,
+    settings: tuple[SweepSetting, ...],
+    *,
+    score: Scorer,
+) -> list[dict[str, Any]]:
+    """One row per setting; every other sampling knob (guidance, seed, spacing, count) from
+    ``base`` and the card."""
+    return [
+        sweep_row(
+            net,
+            card,
+            base.model_copy(update={"sampler": s.sampler, "steps": s.steps}),
+            score=score,
+        )
+        for s in settings
+    ]
+
+
+def fewest_nfe_match(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cheapest setting that reaches the reference quality: FID at or below the upper end of
+    the reference's interval. The reference is the DDPM setting with the most steps (DDPM-1000 in
+    the usual sweep), or the setting with the most NFE when no DDPM row exists."""
+    if not rows:
+        raise ValueError("an empty sweep has no reference setting")
+    ddpm = [r for r in rows if r["sampler"] == "ddpm"]
+    reference = max(ddpm or rows, key=lambda r: (r["steps"], r["nfe"]))
+    others = [r for r in rows if r is not reference and r["fid"] <= reference["fid_high"]]
+    match = min(others, key=lambda r: (r["nfe"], r["wall_seconds"])) if others else None
+    ref_name = f"{reference['sampler']}-{reference['steps']}"
+    if match is None:
+        note = f"No setting reaches {ref_name} quality (FID <= {reference['fid_high']:.4g})."
+    else:
+        note = (
+            f"{match['sampler']}-{match['steps']} reaches {ref_name} quality with "
+            f"{match['nfe']:g} NFE (FID {match['fid']:.4g} <= {reference['fid_high']:.4g}, the "
+            f"upper end of {ref_name}'s interval; {ref_name} takes {reference['nfe']:g} NFE)."
+        )
+    return {"reference": reference, "match": match, "note": note}

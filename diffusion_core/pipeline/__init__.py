@@ -1,0 +1,1 @@
+"""The pipeline: the artefact store, its layout, the modalities and the stages."""

@@ -1,0 +1,144 @@
+"""The dataset stage: load, split and store a dataset once per data config; read its splits back;
+train the dataset's own judge (the domain classifier) once per dataset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusion_core.config import VOLUME_KINDS, DataConfig
+from diffusion_core.data import ImageDataset, load_dataset, split_dataset
+from diffusion_core.evaluation.judge import (
+    TrainedClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from diffusion_core.pipeline.layout import dataset_prefix, judge_prefix
+from diffusion_core.pipeline.store import ArtefactStore
+
+log = logging.getLogger(__name__)
+
+SHARD_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    prefix: str
+    url: str
+    sha256: str
+    num_train: int
+    num_holdout: int
+    class_names: list[str]
+    skipped: int
+    dims: int = 2  # 2 images, 3 volumes
+    reused: bool = False
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], *, reused: bool) -> DatasetRef:
+        """The reference stored in a dataset's ``meta.json`` (older ones name no ``dims``:
+        it follows from the data kind)."""
+        dims = 3 if meta.get("config", {}).get("kind") in VOLUME_KINDS else 2
+        return cls.from_json(json.dumps(meta["ref"]), dims=dims, reused=reused)
+
+    @classmethod
+    def from_json(cls, text: str, *, dims: int, reused: bool = True) -> DatasetRef:
+        """A reference saved by :meth:`to_json` (a registered version's tag); ``dims`` for one
+        saved before references named it."""
+        ref = {k: v for k, v in json.loads(text).items() if k != "reused"}
+        return cls(**{"dims": dims, **ref}, reused=reused)
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "reused"})
+
+
+def _write_split(ds: ImageDataset, out: Path, name: str) -> None:
+    for i, start in enumerate(range(0, max(len(ds), 1), SHARD_SIZE)):
+        part = ds.subset(torch.arange(start, min(start + SHARD_SIZE, len(ds))))
+        tensors = {"images": part.images.contiguous()}
+        if part.labels is not None:
+            tensors["labels"] = part.labels.contiguous()
+        save_file(tensors, out / f"{name}-{i:05d}.safetensors")
+
+
+def prepare_dataset(cfg: DataConfig, store: ArtefactStore) -> DatasetRef:
+    """Load, split and store the dataset once per data config; later calls reuse it."""
+    prefix = dataset_prefix(cfg.model_dump(mode="json"))
+    if store.exists_dir(prefix):
+        return DatasetRef.from_meta(store.read_json(f"{prefix}/meta.json"), reused=True)
+    ds = load_dataset(cfg)
+    train_set, holdout = split_dataset(
+        ds, holdout_fraction=cfg.holdout_fraction, seed=cfg.split_seed
+    )
+    ref = DatasetRef(
+        prefix=prefix,
+        url=store.url(prefix),
+        sha256=ds.sha256(),
+        num_train=len(train_set),
+        num_holdout=len(holdout),
+        class_names=list(ds.class_names),
+        skipped=ds.skipped,
+        dims=ds.dims,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _write_split(train_set, out, "train")
+        _write_split(holdout, out, "holdout")
+        meta = {
+            "ref": json.loads(ref.to_json()),
+            "source": ds.source,
+            "config": cfg.model_dump(mode="json"),
+            "captions": {"train": train_set.captions, "holdout": holdout.captions},
+        }
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        store.put_dir(prefix, out)
+    log.info("stored dataset %s: %d train / %d holdout", ref.url, ref.num_train, ref.num_holdout)
+    return ref
+
+
+def read_split(store: ArtefactStore, ref: DatasetRef, split: str) -> ImageDataset:
+    """One split of a stored dataset (only its shards are fetched), each verified against the
+    manifest."""
+    files = store.read_manifest(ref.prefix)["files"]
+    wanted = [rel for rel in sorted(files) if rel.startswith(f"{split}-") or rel == "meta.json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in wanted:
+            entry = files[rel]
+            store.get_file(
+                f"{ref.prefix}/{rel}", Path(tmp) / rel, sha256=entry["sha256"], size=entry["size"]
+            )
+        shards = sorted(Path(tmp).glob(f"{split}-*.safetensors"))
+        parts = [load_file(p) for p in shards]
+        meta = json.loads((Path(tmp) / "meta.json").read_text())
+    labels = [p["labels"] for p in parts if "labels" in p]
+    return ImageDataset(
+        images=torch.cat([p["images"] for p in parts]),
+        labels=torch.cat(labels) if labels else None,
+        class_names=ref.class_names,
+        captions=meta["captions"][split],
+        source=ref.url,
+        skipped=0,
+    )
+
+
+def domain_classifier(store: ArtefactStore, dataset: DatasetRef) -> tuple[TrainedClassifier, str]:
+    """The dataset's own classifier, trained once per dataset and cached in the store; with the
+    sha256 of its weights."""
+    prefix = judge_prefix(dataset.sha256)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not store.exists_dir(prefix):
+            clf = train_classifier(
+                read_split(store, dataset, "train"), read_split(store, dataset, "holdout")
+            )
+            save_classifier(clf, Path(tmp))
+            store.put_dir(prefix, tmp)
+        manifest = store.read_manifest(prefix)
+        store.get_dir(prefix, tmp)
+        return load_classifier(Path(tmp)), manifest["files"]["weights.safetensors"]["sha256"]

@@ -1,0 +1,99 @@
+"""The sampling stage: one shard of a run's samples, drawn from a stored checkpoint and committed
+with its per-sample metadata."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from diffusion_core.config import SamplingDefaults
+from diffusion_core.model import ModelCard, load_model
+from diffusion_core.pipeline.modality import modality
+from diffusion_core.pipeline.store import ArtefactStore
+from diffusion_core.sampling import SampleRequest, generate
+from diffusion_core.unet import UNet
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    prefix: str
+    count: int
+    seconds: float
+    nfe: int
+    knobs: SamplingDefaults  # the sampling settings the shard was drawn with
+
+
+def fetch_model(store: ArtefactStore, checkpoint_prefix: str) -> tuple[UNet, ModelCard]:
+    """The EMA network and card of a checkpoint committed in the store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_dir(checkpoint_prefix, tmp)
+        return load_model(tmp)
+
+
+def sample_shard(
+    store: ArtefactStore,
+    checkpoint_prefix: str,
+    request: SampleRequest,
+    *,
+    out_prefix: str,
+    shard: int,
+    shard_size: int,
+) -> ShardRef:
+    """Samples [shard * shard_size, ...) of the ``request.count()`` a run draws (the same images,
+    labels and prompts as one unsharded call, see ``sampling.generate``), committed under
+    ``out_prefix/shard-NNNNN``."""
+    net, card = fetch_model(store, checkpoint_prefix)
+    total = request.count()
+    start, stop = shard * shard_size, min(total, (shard + 1) * shard_size)
+    part: dict[str, Any] = {"num_samples": stop - start}
+    if request.labels is not None and len(request.labels) > 1:  # one label per sample
+        part["labels"] = request.labels[start:stop]
+    t0 = time.perf_counter()
+    samples = generate(net, card, request.model_copy(update=part), offset=start)
+    seconds = time.perf_counter() - t0
+    knobs = samples.knobs
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        tensors = {"images": samples.images, "seeds": samples.seeds}
+        if samples.labels is not None:
+            tensors["labels"] = samples.labels
+        save_file(tensors, out / "images.safetensors")
+        modality(card.dims).write_extras(samples.images, out)
+        with open(out / "metadata.jsonl", "w") as f:
+            for i in range(len(samples.images)):
+                record: dict[str, Any] = {
+                    "id": start + i,
+                    "seed": int(samples.seeds[i]),
+                    "label": None if samples.labels is None else int(samples.labels[i]),
+                    "sampler": knobs.sampler,
+                    "steps": knobs.steps,
+                    "nfe": samples.nfe,
+                    "guidance_scale": knobs.guidance_scale,
+                }
+                if samples.prompts is not None:
+                    record["prompt"] = samples.prompts[i]
+                f.write(json.dumps(record) + "\n")
+        prefix = f"{out_prefix}/shard-{shard:05d}"
+        store.put_dir(prefix, out)
+    return ShardRef(prefix, len(samples.images), seconds, samples.nfe, knobs)
+
+
+def read_tensors(store: ArtefactStore, prefix: str, name: str) -> dict[str, Tensor]:
+    """The safetensors file ``name`` of the committed directory ``prefix``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_dir(prefix, tmp)
+        return load_file(Path(tmp) / name)
+
+
+def read_shards(store: ArtefactStore, prefixes: list[str]) -> dict[str, Tensor]:
+    """The shards' tensors, concatenated in shard order."""
+    parts = [read_tensors(store, p, "images.safetensors") for p in prefixes]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

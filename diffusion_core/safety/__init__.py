@@ -1,0 +1,1 @@
+"""The safety filter: a configured chain of detectors that publishes or quarantines each sample."""
