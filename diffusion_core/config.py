@@ -134,6 +134,14 @@ class TrainConfig(StrictModel):
     """Seed of the initial weights, the data order, timesteps and noise."""
     num_threads: int | None = Field(None, ge=1)
     """CPU threads for torch; unset: torch's default."""
+    nproc: int | Literal["auto"] = "auto"
+    """Training processes on this machine (torchrun, DDP): auto is one per visible GPU, or one
+    process on a CPU; 2 or more on a CPU uses gloo."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept, locally and in the artefact store (newest first)."""
+    loader_workers: int = Field(0, ge=0)
+    """Processes reading the next steps' images ahead of training (0: read in the training
+    process); images are read step by step, so a dataset need not fit in memory."""
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
@@ -367,6 +375,38 @@ class EvaluationConfig(StrictModel):
         return self
 
 
+class TaskRunnerConfig(StrictModel):
+    """Where the bulk work (sampling shards) runs: Prefect's thread runner in the flow's process,
+    or a Dask cluster through prefect-dask."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    """threads (one process) or dask."""
+    address: str | None = None
+    """dask: the scheduler address of a running cluster (tcp://host:8786); unset: a local cluster
+    started for the run."""
+    n_workers: int = Field(2, ge=1)
+    """dask, local cluster: worker processes."""
+    threads_per_worker: int = Field(1, ge=1)
+    """dask, local cluster: threads per worker."""
+    gpus_per_worker: int = Field(0, ge=0)
+    """dask: the GPU resource each worker offers; with it, each sampling shard holds one GPU."""
+
+
+class RuntimeConfig(StrictModel):
+    """Where the compute runs. Never part of a model's identity: a model trained on one device
+    samples on another."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    """auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; every compute step uses it."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Sampling and feature extraction: auto is bf16 autocast on CUDA and fp32 on a CPU."""
+    task_runner: TaskRunnerConfig = TaskRunnerConfig()
+    """Where the sampling shards run."""
+
+
+DEFAULT_RUNTIME = RuntimeConfig()
+
+
 class RunConfig(StrictModel):
     """A run: the model card's sections (model, diffusion, text), the data and training, and the
     pipeline's sections (sample, safety, evaluation, pipeline)."""
@@ -383,6 +423,7 @@ class RunConfig(StrictModel):
     safety: SafetyConfig = SafetyConfig()
     text: TextConfig | None = None
     """Text conditioning (unset: class labels or none)."""
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _volume_memorisation_in_pixels(self) -> RunConfig:
@@ -470,8 +511,15 @@ class RunConfig(StrictModel):
         )
 
 
-# Train settings that decide when to log and save, not what the weights become.
-TRAIN_BOOKKEEPING = ("checkpoint_every", "log_every", "num_threads")
+# Train settings that decide when to log and save and where to run, not what the weights become.
+TRAIN_BOOKKEEPING = (
+    "checkpoint_every",
+    "log_every",
+    "num_threads",
+    "nproc",
+    "keep_checkpoints",
+    "loader_workers",
+)
 
 
 def _digest(obj: Any) -> str:

@@ -1,12 +1,58 @@
-"""Processes and devices: joining a ``torchrun`` process group, this process's rank, the device
-to run on."""
+"""Processes and devices: the device a ``runtime.device`` setting names, the precision of
+inference, joining and leaving a ``torchrun`` process group, this process's rank."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class DeviceError(ValueError):
+    """A device setting this machine cannot honour."""
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """The device ``spec`` names: ``auto`` is this process's GPU (``LOCAL_RANK`` under torchrun)
+    when CUDA is present, else the CPU; ``cuda`` is this process's GPU, ``cuda:N`` that one; a
+    GPU that does not exist is a DeviceError."""
+    if isinstance(spec, torch.device):
+        return spec
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    name = spec
+    if spec == "auto":
+        name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif spec == "cuda":  # under torchrun, each process its own GPU
+        name = f"cuda:{local}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise DeviceError(
+                f"runtime.device={spec!r}, but this machine has {count} CUDA device(s); "
+                "use runtime.device: auto or cpu"
+            )
+    return device
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of sampling and feature extraction: bf16 when asked for, or by
+    default on CUDA; None runs in fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` on ``device`` with ``dtype``, or nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -17,17 +63,17 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def init_distributed(device: torch.device) -> bool:
-    """Join the process group when launched by ``torchrun``; True when distributed."""
+    """Join the process group when launched by ``torchrun`` (NCCL on CUDA, with this process's
+    GPU as the current device; gloo on a CPU); True when distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def leave_distributed() -> None:
+    """Leave the process group (after the last collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -28,6 +28,7 @@ from diffusion_core.config import (
     StrictModel,
     Variance,
 )
+from diffusion_core.distributed import autocast
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.io import read_mask, to_grey
 from diffusion_core.model import ModelCard
@@ -238,13 +239,15 @@ def generate(
     *,
     offset: int = 0,
     encoder: ClipModel | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Samples:
     """Draw ``request.count()`` samples.
 
     Sample i starts from the noise of seed ``request.seed * 10**6 + offset + i`` and, for a class
     model without labels, gets class ``(offset + i) % K``, so a run split into shards (each with
     its ``offset``) gives the same images as one call. A text model's sample i gets prompt
-    ``(offset + i) % len(prompts)``; ``encoder`` defaults to the model's own.
+    ``(offset + i) % len(prompts)``; ``encoder`` defaults to the model's own. The network runs
+    on its own device, under autocast to ``dtype`` when given (``distributed.inference_dtype``).
     """
     knobs = request.knobs(card)
     n = request.count()
@@ -268,23 +271,30 @@ def generate(
         else:
             batch_labels = labels[sl].to(device) if labels is not None else None
             denoiser = class_denoiser(net, card, knobs, batch_labels)
-        x0 = run_sampler(
-            knobs.sampler,
-            denoiser,
-            x_T,
-            grid,
-            schedule,
-            generator=gen,
-            eta=knobs.eta,
-            variance=knobs.variance,
-        )
+        with autocast(device, dtype):
+            x0 = run_sampler(
+                knobs.sampler,
+                denoiser,
+                x_T,
+                grid,
+                schedule,
+                generator=gen,
+                eta=knobs.eta,
+                variance=knobs.variance,
+            )
         out.append(to_uint8(x0).cpu())
     return Samples(torch.cat(out), labels, seeds, knobs.steps, knobs, per_sample)
 
 
 @torch.no_grad()
 def inpaint(
-    net: nn.Module, card: ModelCard, request: InpaintRequest, known: Tensor, mask: Tensor
+    net: nn.Module,
+    card: ModelCard,
+    request: InpaintRequest,
+    known: Tensor,
+    mask: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Fill the region where ``mask`` is 0 in uint8 ``known`` images (B, C, H, W) with RePaint,
     in batches of ``request.batch_size``; the known region of the result is ``known`` exactly.
@@ -299,17 +309,18 @@ def inpaint(
         sl = slice(start, start + request.batch_size)
         batch_labels = labels[sl].to(device) if labels is not None else None
         gen = torch.Generator(device=device).manual_seed(request.seed + start)
-        x0 = repaint(
-            class_denoiser(net, card, knobs, batch_labels),
-            known[sl].to(device).float() / 127.5 - 1,
-            (mask if len(mask) == 1 else mask[sl]).to(device),
-            grid,
-            schedule,
-            generator=gen,
-            jump_length=request.jump_length,
-            resample=request.resample,
-            variance=knobs.variance,
-        )
+        with autocast(device, dtype):
+            x0 = repaint(
+                class_denoiser(net, card, knobs, batch_labels),
+                known[sl].to(device).float() / 127.5 - 1,
+                (mask if len(mask) == 1 else mask[sl]).to(device),
+                grid,
+                schedule,
+                generator=gen,
+                jump_length=request.jump_length,
+                resample=request.resample,
+                variance=knobs.variance,
+            )
         out.append(to_uint8(x0).cpu())
     return torch.cat(out)
 

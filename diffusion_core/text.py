@@ -119,15 +119,25 @@ class ClipModel:
     def embed_dim(self) -> int:
         return int(self.model.text_projection.shape[-1])
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> ClipModel:
+        """This model on ``device`` (embeddings still come back on the CPU)."""
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
     @torch.no_grad()
     def _encode_new(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         m = self.model
-        text = self.tokenizer(prompts)
+        text = self.tokenizer(prompts).to(self.device)
         x = m.token_embedding(text) + m.positional_embedding
         x = m.transformer(x, attn_mask=m.attn_mask)
         tokens = m.ln_final(x)
         pooled = m.encode_text(text)
-        return tokens.float(), pooled.float()
+        return tokens.float().cpu(), pooled.float().cpu()
 
     def encode_text(self, prompts: list[str]) -> TextEmbedding:
         """Token states and pooled embeddings of ``prompts``; each distinct prompt is encoded
@@ -163,14 +173,14 @@ class ClipModel:
             )
         out = []
         for chunk in images.split(batch_size):
-            x = chunk.float() / 255
+            x = chunk.to(self.device).float() / 255
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True
             ).clamp(0, 1)
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1))
+            out.append(F.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
         return torch.cat(out)
 
 

@@ -1,18 +1,21 @@
 """The trainer: bf16 autocast, EMA, clipping, warm-up, atomic checkpoints, exact resume, DDP.
 
 Exact resume: a checkpoint holds the weights, the EMA, the optimizer and LR-scheduler state, the
-step, the data stream's position and every random generator, so N steps + resume + N steps gives
-the same weights as 2N steps straight. Under ``torchrun`` every rank draws the same global batch,
-timesteps and noise and trains on its own slice of them, so the run matches one process.
+step and every random generator, and the batch of step s is a function of s alone
+(:class:`BatchSchedule`), so N steps + resume + N steps gives the same weights as 2N steps
+straight. Under ``torchrun`` every rank draws the same global batch, timesteps and noise and
+trains on its own slice of them, so the run matches one process. Images are read step by step
+through a ``DataLoader`` (each rank reads only its slice), so a dataset need not fit in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +25,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from diffusion_core.config import RunConfig
-from diffusion_core.distributed import init_distributed, pick_device, rank_and_world
+from diffusion_core.distributed import (
+    init_distributed,
+    leave_distributed,
+    rank_and_world,
+    resolve_device,
+)
 from diffusion_core.losses import DiffusionLoss, draw_noise
 from diffusion_core.model import (
     ModelCard,
@@ -44,11 +52,13 @@ log = logging.getLogger(__name__)
 
 
 class TrainData(Protocol):
-    """What training reads (``diffusion_core.data.ImageDataset`` is one): uint8 images, optional
-    labels and captions, class names, and the content hash that identifies the data."""
+    """What training reads (``diffusion_core.data.ImageDataset`` in memory, or a dataset that
+    reads its items from files as they are needed): items of ``item_shape`` read by index as
+    uint8, optional labels and captions, class names, and the content hash that identifies it."""
 
     @property
-    def images(self) -> Tensor: ...
+    def item_shape(self) -> tuple[int, ...]: ...
+    def read(self, indices: Tensor) -> Tensor: ...
     @property
     def labels(self) -> Tensor | None: ...
     @property
@@ -173,42 +183,59 @@ def _default_gen(x: Tensor) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------------------------
-# The data stream: epochs of seeded permutations with a resumable position.
+# The data: step s's global batch, and a DataLoader of this rank's images step by step.
 
 
-@dataclass
-class BatchStream:
-    """Global batches of indices; epoch e is a permutation seeded by (seed, e)."""
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The global batch of every step: epoch e is a permutation seeded by (seed, e), cut into
+    ``size // batch_size`` batches (the ragged end is dropped); step s is batch s % that of epoch
+    s // that. A function of the step alone, so any step can be read again, on any rank."""
 
     size: int
     batch_size: int
     seed: int
-    epoch: int = 0
-    cursor: int = 0
-    _perm: Tensor | None = field(default=None, repr=False)
 
-    def __iter__(self) -> Iterator[Tensor]:
-        return self
+    @property
+    def per_epoch(self) -> int:
+        return self.size // self.batch_size
 
-    def __next__(self) -> Tensor:
-        if self._perm is None:
-            self._perm = self._permutation(self.epoch)
-        if self.cursor + self.batch_size > self.size:  # drop the ragged end of an epoch
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        idx = self._perm[self.cursor : self.cursor + self.batch_size]
-        self.cursor += self.batch_size
-        return idx
+    def indices(self, step: int) -> Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        perm = _permutation(self.size, self.seed * 1_000_003 + epoch)
+        return perm[k * self.batch_size : (k + 1) * self.batch_size]
 
-    def _permutation(self, epoch: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=g)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+@functools.lru_cache(maxsize=2)
+def _permutation(size: int, seed: int) -> Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor, self._perm = int(state["epoch"]), int(state["cursor"]), None
+
+class StepImages(torch.utils.data.Dataset[Tensor]):
+    """Item s: this rank's uint8 images of step s's global batch (every ``world``-th from
+    ``rank``), read from ``data``."""
+
+    def __init__(self, data: TrainData, schedule: BatchSchedule, rank: int, world: int) -> None:
+        self.data, self.schedule, self.rank, self.world = data, schedule, rank, world
+
+    def __getitem__(self, step: int) -> Tensor:
+        return self.data.read(self.schedule.indices(step)[self.rank :: self.world])
+
+
+def step_loader(
+    data: TrainData, schedule: BatchSchedule, steps: range, *, workers: int, rank: int, world: int
+) -> torch.utils.data.DataLoader[Tensor]:
+    """This rank's images for ``steps`` in order, read ahead by ``workers`` processes. Its own
+    generator seeds the workers, so the global random state (dropout) is the same whether a run
+    starts at step 0 or resumes."""
+    return torch.utils.data.DataLoader(
+        StepImages(data, schedule, rank, world),
+        batch_size=None,
+        sampler=steps,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(schedule.seed),
+        persistent_workers=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,27 +286,48 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def model_card(cfg: RunConfig, dataset: TrainData, text_record: dict[str, Any] | None) -> ModelCard:
+    """The card of a model trained with ``cfg`` on ``dataset`` (its sampling: ``cfg.sample``'s)."""
+    conditional = cfg.model.class_conditional and dataset.labels is not None
+    shape = dataset.item_shape
+    return ModelCard(
+        model=cfg.model,
+        diffusion=cfg.diffusion,
+        text=cfg.text,
+        sampling=cfg.sample.defaults(),
+        in_channels=shape[0],
+        image_size=shape[-1],
+        class_names=tuple(dataset.class_names),
+        num_classes=len(dataset.class_names) if conditional else None,
+        dataset_sha256=dataset.sha256(),
+        text_encoder=text_record,
+    )
+
+
 def train(
     cfg: RunConfig,
     dataset: TrainData,
     out_dir: str | Path,
     *,
-    device: torch.device | None = None,
+    device: torch.device | str | None = None,
     max_steps: int | None = None,
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) ``cfg`` on ``dataset``; checkpoints go under ``out_dir/checkpoints``.
 
     A checkpoint there resumes only when it was trained with the same training identity (model,
     diffusion, text, train and the dataset's content: ``RunConfig.training_identity``); sampling,
     safety, evaluation and pipeline settings never enter it. ``max_steps`` stops at that global
-    step (the run can be resumed later up to ``train.steps``).
+    step (the run can be resumed later up to ``train.steps``). ``device`` defaults to
+    ``runtime.device``; under ``torchrun`` the ranks join a process group, which is left at the
+    end. ``on_checkpoint(path)`` runs on rank 0 after every checkpoint is written.
     """
     # Long function: the one training loop, read top to bottom in commented blocks (as EDM's).
     tc = cfg.train
-    device = device or pick_device()
-    init_distributed(device)
+    device = resolve_device(device if device is not None else cfg.runtime.device)
+    distributed = init_distributed(device)
     rank, world = rank_and_world()
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {world} processes")
@@ -296,21 +344,8 @@ def train(
         prompt_table, text_record, cfg = _prompt_table(cfg, dataset, device)
 
     # Build the network, optimizer and state.
-    conditional = cfg.model.class_conditional and dataset.labels is not None
-    dataset_sha256 = dataset.sha256()
-    identity = cfg.training_identity(dataset_sha256)
-    card = ModelCard(
-        model=cfg.model,
-        diffusion=cfg.diffusion,
-        text=cfg.text,
-        sampling=cfg.sample.defaults(),
-        in_channels=dataset.images.shape[1],
-        image_size=dataset.images.shape[-1],
-        class_names=tuple(dataset.class_names),
-        num_classes=len(dataset.class_names) if conditional else None,
-        dataset_sha256=dataset_sha256,
-        text_encoder=text_record,
-    )
+    card = model_card(cfg, dataset, text_record)
+    identity = cfg.training_identity(card.dataset_sha256)
     torch.manual_seed(tc.seed)
     net = card.build().to(device)
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
@@ -335,7 +370,7 @@ def train(
         min_snr_gamma=cfg.diffusion.min_snr_gamma,
         lr_scheduler=lr_scheduler,
     )
-    stream = BatchStream(len(dataset), tc.batch_size, tc.seed)
+    batches = BatchSchedule(len(dataset), tc.batch_size, tc.seed)
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
 
     # Resume from the latest checkpoint when there is one.
@@ -353,14 +388,12 @@ def train(
         ema.load_state_dict(read_weights(resume_from / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        stream.load_state_dict(state["stream"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step_fn.step = int(state["step"])
         history = [dict(h) for h in state["history"]]
         log.info("resumed from %s at step %d", resume_from, step_fn.step)
 
-    images = dataset.images
     labels = dataset.labels
     null_class = card.num_classes
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
@@ -369,33 +402,41 @@ def train(
     t_start, seen = time.perf_counter(), 0
     window_loss, window_t, window_n = 0.0, time.perf_counter(), 0
     checkpoint = resume_from
+    global_shape = torch.Size((tc.batch_size, *dataset.item_shape))
+    mine = slice(rank, None, world)
 
     def save() -> Path:
         state = {
             "step": step_fn.step,
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
-            "stream": stream.state_dict(),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
             "training_identity": identity,
         }
-        return write_checkpoint(
+        path = write_checkpoint(
             ckpt_root,
             step_fn.step,
             card=card,
             weights=net.state_dict(),
             ema=ema.state_dict(),
             state=state,
+            keep=tc.keep_checkpoints,
         )
+        if on_checkpoint is not None:
+            on_checkpoint(path)
+        return path
 
     net.train()
-    while step_fn.step < stop:
-        # Draw the global batch, its timesteps, noise and label dropout; keep this rank's slice.
-        idx = next(stream)
-        x0 = images[idx].to(device).float() / 127.5 - 1  # (B, C, H, W) in [-1, 1]
-        t, eps = draw_noise(x0.shape, schedule.num_steps, generator=gen, device=device)
+    loader = step_loader(
+        dataset, batches, range(start_step, stop), workers=tc.loader_workers, rank=rank, world=world
+    )
+    for local_images in loader:
+        # Draw the global batch's timesteps, noise and label dropout; train on this rank's slice.
+        idx = batches.indices(step_fn.step)
+        x0 = local_images.to(device).float() / 127.5 - 1  # (B / world, C, H, W) in [-1, 1]
+        t, eps = draw_noise(global_shape, schedule.num_steps, generator=gen, device=device)
         cond = None
         if null_class is not None:
             assert labels is not None
@@ -406,9 +447,7 @@ def train(
             assert cfg.text is not None
             rows = prompt_table.rows(idx, dropout=cfg.text.prompt_dropout, generator=gen)
             cond = prompt_table.cond(rows)
-        mine = slice(rank, None, world)
-        local_cond = _slice_cond(cond, mine)
-        loss = step_fn(x0[mine], local_cond, t=t[mine], eps=eps[mine])
+        loss = step_fn(x0, _slice_cond(cond, mine), t=t[mine], eps=eps[mine])
 
         # Log.
         loss_value = float(loss)
@@ -448,6 +487,8 @@ def train(
     bar.close()
     if world > 1:
         dist.barrier()
+    if distributed:
+        leave_distributed()
     elapsed = time.perf_counter() - t_start
     if checkpoint is None:  # nothing to do: the run was already complete
         checkpoint = latest_checkpoint(ckpt_root) or save()

@@ -42,6 +42,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, registered: bool = False) 
     p.add_argument("--seed", type=int, help="seed for the initial noise")
     p.add_argument("--labels", help="comma-separated class labels, one per sample")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling of the saved grid")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +205,7 @@ def _bad_input() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from diffusion_core.data import DatasetError
+    from diffusion_core.distributed import DeviceError
     from diffusion_core.io import ImageReadError, WeightsError
     from diffusion_core.model import CheckpointError
     from diffusion_core.text import ClipError
@@ -212,6 +214,7 @@ def _bad_input() -> tuple[type[BaseException], ...]:
         ConfigError,
         UsageError,
         DatasetError,
+        DeviceError,
         CheckpointError,
         ImageReadError,
         WeightsError,

@@ -110,15 +110,18 @@ def train(args: argparse.Namespace) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
+    from diffusion_core.distributed import inference_dtype, resolve_device
     from diffusion_core.io import save_grid, write_pngs
     from diffusion_core.model import load_model
     from diffusion_core.sampling import SampleRequest, generate
 
     net, card = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    net = net.to(device)
     prompts, knobs = _prompts(args), _sampling(args)
     num = args.num if args.num is not None else None if "labels" in knobs else DEFAULT_NUM
     request = SampleRequest(**knobs, prompts=prompts, num_samples=num)
-    samples = generate(net, card, request)
+    samples = generate(net, card, request, dtype=inference_dtype(device))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         nrow = card.num_classes if card.num_classes and request.labels is None else None
@@ -195,6 +198,7 @@ def inpaint(args: argparse.Namespace) -> int:
     completions (one each unless ``--num``); every input is read and checked before any work."""
     import torch
 
+    from diffusion_core.distributed import inference_dtype, resolve_device
     from diffusion_core.io import EXACT, read_image, read_mask, save_grid, write_pngs
     from diffusion_core.sampling import InpaintRequest, inpaint
 
@@ -210,6 +214,8 @@ def inpaint(args: argparse.Namespace) -> int:
         raise UsageError(f"--num must be at least 1, got {args.num}")
     jobs = batch_jobs(image, args.mask) if batch else [Job(image, Path(args.mask), out.name)]
     net, card = _inpaint_model(args)
+    device = resolve_device(args.device)
+    net = net.to(device)
     request = InpaintRequest(
         **_sampling(args), jump_length=args.jump_length, resample=args.resample
     )
@@ -218,7 +224,7 @@ def inpaint(args: argparse.Namespace) -> int:
     masks = torch.cat([read_mask(j.mask, card.image_size) for j in jobs])  # (N, 1, H, W)
     n = args.num or (1 if batch else 8)
     known, masks = known.repeat_interleave(n, 0), masks.repeat_interleave(n, 0)
-    filled = inpaint(net, card, request, known, masks)
+    filled = inpaint(net, card, request, known, masks, dtype=inference_dtype(device))
     if batch:
         names = [
             j.name if n == 1 else f"{Path(j.name).stem}-{k}.png" for j in jobs for k in range(n)

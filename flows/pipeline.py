@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from diffpipe.flows.configs import resolve_config
+from diffpipe.flows.runners import one_gpu_each, task_runner
 from diffpipe.tasks import artifacts, registry, steps, tracking
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
-from diffusion_core.config import EvaluationConfig, RunConfig, diffpipe_home
+from diffusion_core.config import EvaluationConfig, RunConfig, RuntimeConfig, diffpipe_home
 from diffusion_core.model import ModelCard
 from diffusion_core.pipeline.errors import RunFailed
 from diffusion_core.pipeline.layout import RunLayout
@@ -37,6 +38,7 @@ from diffusion_core.pipeline.stages.evaluate import Evaluation
 from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
 from diffusion_core.pipeline.stages.report import ReportInputs
 from diffusion_core.pipeline.stages.safety import SafetyRef
+from diffusion_core.pipeline.stages.sample import ShardRef
 from diffusion_core.pipeline.store import ArtefactStore, default_root
 from diffusion_core.sampling import SampleRequest
 
@@ -169,6 +171,32 @@ class Subject:
     history: list[dict[str, float]]
 
 
+@flow(name="sample", log_prints=True)
+def sample_all(
+    artefact_root: str,
+    checkpoint_prefix: str,
+    request: SampleRequest,
+    out_prefix: str,
+    shards: int,
+    runtime: RuntimeConfig,
+) -> list[ShardRef]:
+    """The run's samples in ``shards`` mapped tasks, on the runner ``runtime.task_runner``
+    names (a nested flow, so that the bulk work can run on a Dask cluster); each shard is
+    written by its worker straight to the store."""
+    size = -(-request.count() // shards)
+    with one_gpu_each(runtime.task_runner):
+        futures = steps.sample_shard.map(
+            artefact_root,
+            checkpoint_prefix,
+            unmapped(request),
+            out_prefix,
+            shard=list(range(shards)),
+            shard_size=size,
+            runtime=unmapped(runtime),
+        )
+    return [f.result() for f in futures]
+
+
 def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[str, Any]:
     """Sample, filter, evaluate, compare and report one registered version with ``cfg``'s
     sample, safety, evaluation and pipeline sections (the model's own card for the rest)."""
@@ -181,19 +209,13 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
     )
     model, data = subject.model, subject.dataset
     request = SampleRequest.from_config(cfg.sample, num_samples=pc.num_samples)
-    shard_size = -(-pc.num_samples // pc.shards)
     with run.step("sample"):
-        futures = steps.sample_shard.map(
-            root,
-            subject.checkpoint_prefix,
-            unmapped(request),
-            layout.samples,
-            shard=list(range(pc.shards)),
-            shard_size=shard_size,
+        runner = task_runner(cfg.runtime.task_runner)
+        shards = sample_all.with_options(task_runner=runner)(
+            root, subject.checkpoint_prefix, request, layout.samples, pc.shards, cfg.runtime
         )
-        shards = [f.result() for f in futures]
     with run.step("safety_filter"):
-        safety = steps.safety_filter(root, shards, data, layout.safety, cfg.safety)
+        safety = steps.safety_filter(root, shards, data, layout.safety, cfg.safety, cfg.runtime)
     mark = None
     if pc.watermark.enabled:  # only the published images, before anything reads them
         with run.step("watermark"):
@@ -203,19 +225,31 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
         safety = mark.safety  # evaluation and the report read the marked images
     with run.step("evaluate"):
         evaluation = steps.evaluate_samples(
-            root, safety, data, shards, request.seed, layout.metrics, cfg.evaluation
+            root, safety, data, shards, request.seed, layout.metrics, cfg.evaluation, cfg.runtime
         )
     inpainting = None
     if pc.inpainting.enabled:
         with run.step("inpaint_evaluate"):
             inpainting = steps.evaluate_inpainting(
-                root, subject.checkpoint_prefix, data, request, pc.inpainting, layout.inpainting
+                root,
+                subject.checkpoint_prefix,
+                data,
+                request,
+                pc.inpainting,
+                layout.inpainting,
+                cfg.runtime,
             )
     sweep = None
     if cfg.evaluation.sweep:
         with run.step("sweep"):
             sweep = steps.sweep_samplers(
-                root, subject.checkpoint_prefix, data, request, cfg.evaluation, layout.sweep
+                root,
+                subject.checkpoint_prefix,
+                data,
+                request,
+                cfg.evaluation,
+                layout.sweep,
+                cfg.runtime,
             )
     with run.step("compare"):
         decision = registry.compare_promote(uri, model, evaluation)
@@ -250,6 +284,12 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
         "record": evaluation.record,
         "report_uri": report_url,
         "samples": {"published": safety.published, "quarantined": safety.quarantined},
+        "sample_workers": sorted({s.worker for s in shards}),
+        "devices": {
+            "sample": shards[0].device,
+            "safety_filter": safety.device,
+            "evaluate": evaluation.record["device"],
+        },
         "promotion": decision,
         "inpainting": [] if inpainting is None else inpainting.rows,
         **({"watermark": mark.summary()} if mark is not None else {}),
@@ -311,7 +351,7 @@ def nightly(
     ) as run:
         root, uri = target.artefact_root, target.tracking_uri
         with run.step("prepare_dataset"):
-            data = steps.prepare_dataset_cached(cfg.data, root)
+            data, cached = steps.prepare_dataset_cached(cfg.data, root)
         with run.step("train"):
             ckpt = steps.train_model(cfg, data, root, run.layout.checkpoint, target.work_dir)
             registry.log_history(uri, run.run_id, ckpt.history)
@@ -339,11 +379,13 @@ def nightly(
             "model": {"name": model.name, "version": model.version, "aliases": model.aliases},
             "checkpoint_url": ckpt.url,
             "training": {"steps": ckpt.steps, "steps_run": ckpt.steps_run},
-            "dataset": {"url": data.url, "sha256": data.sha256},
+            "devices": {"train": ckpt.device, "train_processes": ckpt.processes},
+            "dataset": {"url": data.url, "sha256": data.sha256, "cached": cached},
         }
         if evaluate:
             subject = Subject(model, ckpt.prefix, data, card, ckpt.history)
-            summary |= evaluate_chain(cfg, run, subject)
+            chain = evaluate_chain(cfg, run, subject)
+            summary |= chain | {"devices": summary["devices"] | chain["devices"]}
         summary |= run.timings()
     get_run_logger().info("report: %s", summary.get("report_uri", "(not evaluated)"))
     return summary

@@ -70,13 +70,18 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
     """Samples images from a diffpipe checkpoint."""
 
     def load_context(self, context):  # type: ignore[no-untyped-def]
+        """The network on the device of ``model_config={"device": ...}`` (default: auto, the
+        GPU when there is one)."""
+        from diffusion_core.distributed import inference_dtype, resolve_device
         from diffusion_core.model import ModelCard, load_network
 
-        artifacts = context.artifacts
+        artifacts, options = context.artifacts, dict(context.model_config or {})
         self.card = ModelCard.read(
             artifacts["card"] if "card" in artifacts else artifacts["config"]
         )
-        self.net = load_network(self.card, artifacts["weights"])
+        self.device = resolve_device(options.get("device", "auto"))
+        self.dtype = inference_dtype(self.device, options.get("precision", "auto"))
+        self.net = load_network(self.card, artifacts["weights"]).to(self.device)
 
     # No type hints here: MLflow would read them as an input schema for lists of records.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
@@ -85,7 +90,8 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
         request = _as_request(model_input) | dict(params or {})
         if {"image", "mask"} & set(request):
             return self._inpaint(request)
-        samples = generate(self.net, self.card, SampleRequest.model_validate(request))
+        parsed = SampleRequest.model_validate(request)
+        samples = generate(self.net, self.card, parsed, dtype=self.dtype)
         return samples.images.movedim(1, -1).numpy()  # (N, H, W, C) or (N, D, H, W, C)
 
     def _inpaint(self, request: dict[str, Any]) -> np.ndarray:
@@ -101,7 +107,7 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
             if len(known) != 1:
                 raise ValueError(f"num_samples {n} with {len(known)} images; give one image")
             known = known.repeat(n, 1, 1, 1)
-        filled = inpaint(self.net, self.card, parsed, known, mask)
+        filled = inpaint(self.net, self.card, parsed, known, mask, dtype=self.dtype)
         return filled.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
 
 

@@ -7,6 +7,7 @@ storage and network I/O: a ``StorageError`` that is not a missing artefact or a 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -22,11 +23,12 @@ from diffusion_core.config import (
     EvaluationConfig,
     InpaintEvalConfig,
     RunConfig,
+    RuntimeConfig,
     SafetyConfig,
     WatermarkConfig,
 )
 from diffusion_core.pipeline.errors import ArtefactNotFoundError, IntegrityError, StorageError
-from diffusion_core.pipeline.layout import dataset_prefix
+from diffusion_core.pipeline.layout import CACHE_PREFIX, dataset_prefix
 from diffusion_core.pipeline.stages import (
     dataset,
     evaluate,
@@ -87,12 +89,32 @@ def prepare_dataset(data: DataConfig, artefact_root: str) -> dataset.DatasetRef:
     return dataset.prepare_dataset(data, ArtefactStore(artefact_root))
 
 
-def prepare_dataset_cached(data: DataConfig, artefact_root: str) -> dataset.DatasetRef:
-    """prepare_dataset, reusing a cached result only while its dataset is still committed in
-    the store (a cache entry outliving a deleted or unreachable dataset is refreshed)."""
-    prefix = dataset_prefix(data.model_dump(mode="json"))
-    stale = not ArtefactStore(artefact_root).exists_dir(prefix)
-    return prepare_dataset.with_options(refresh_cache=stale)(data, artefact_root)
+@task(name="cache-storage", cache_policy=NO_CACHE, **io_retries)
+def cache_storage(artefact_root: str, data: DataConfig) -> tuple[Any, bool]:
+    """Where cached task results live: beside the artefacts, so every host that shares the
+    store shares the cache (a local folder, or a saved ``RemoteFileSystem`` block for object
+    storage); and whether the dataset a cache entry would point to is still committed."""
+    store = ArtefactStore(artefact_root)
+    committed = store.exists_dir(dataset_prefix(data.model_dump(mode="json")))
+    if store.local:
+        return store.local_path(CACHE_PREFIX), committed
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(basepath=store.url(CACHE_PREFIX), settings=store.storage_options)
+    name = "diffpipe-cache-" + hashlib.sha256(store.root.encode()).hexdigest()[:12]
+    block.save(name, overwrite=True)
+    return block, committed
+
+
+def prepare_dataset_cached(data: DataConfig, artefact_root: str) -> tuple[dataset.DatasetRef, bool]:
+    """prepare_dataset with its cache on the artefact store; the dataset and whether it came from
+    the cache. A cached result is reused only while its dataset is still committed in the store
+    (an entry outliving a deleted or unreachable dataset is refreshed)."""
+    storage, committed = cache_storage(artefact_root, data)
+    # The cache records live with the results (one file a key) in the shared storage.
+    shared = prepare_dataset.with_options(result_storage=storage, refresh_cache=not committed)
+    state = shared(data, artefact_root, return_state=True)
+    return state.result(), state.name == "Cached"
 
 
 @task(name="train", task_run_name="train-{checkpoint_prefix}", cache_policy=NO_CACHE, **io_retries)
@@ -120,6 +142,7 @@ def sample_shard(
     out_prefix: str,
     shard: int,
     shard_size: int,
+    runtime: RuntimeConfig,
 ) -> sample.ShardRef:
     return sample.sample_shard(
         ArtefactStore(artefact_root),
@@ -128,6 +151,7 @@ def sample_shard(
         out_prefix=out_prefix,
         shard=shard,
         shard_size=shard_size,
+        runtime=runtime,
     )
 
 
@@ -138,6 +162,7 @@ def safety_filter(
     data: dataset.DatasetRef,
     out_prefix: str,
     config: SafetyConfig,
+    runtime: RuntimeConfig,
 ) -> safety.SafetyRef:
     return safety.safety_filter(
         ArtefactStore(artefact_root),
@@ -145,6 +170,7 @@ def safety_filter(
         data,
         out_prefix=out_prefix,
         safety=config,
+        runtime=runtime,
     )
 
 
@@ -179,6 +205,7 @@ def evaluate_samples(
     seed: int,
     out_key: str,
     config: EvaluationConfig,
+    runtime: RuntimeConfig,
 ) -> evaluate.Evaluation:
     return evaluate.evaluate_samples(
         ArtefactStore(artefact_root),
@@ -189,6 +216,7 @@ def evaluate_samples(
         seed=seed,
         out_key=out_key,
         evaluation=config,
+        runtime=runtime,
     )
 
 
@@ -200,6 +228,7 @@ def sweep_samplers(
     request: SampleRequest,
     config: EvaluationConfig,
     out_prefix: str,
+    runtime: RuntimeConfig,
 ) -> sweep.SweepRef:
     """Quality against sampling cost over ``config.sweep``."""
     return sweep.sweep_samplers(
@@ -209,6 +238,7 @@ def sweep_samplers(
         request=request,
         evaluation=config,
         out_prefix=out_prefix,
+        runtime=runtime,
     )
 
 
@@ -220,6 +250,7 @@ def evaluate_inpainting(
     request: SampleRequest,
     config: InpaintEvalConfig,
     out_prefix: str,
+    runtime: RuntimeConfig,
 ) -> inpaint.InpaintEvaluation:
     return inpaint.evaluate_inpainting(
         ArtefactStore(artefact_root),
@@ -228,6 +259,7 @@ def evaluate_inpainting(
         request=request,
         config=config,
         out_prefix=out_prefix,
+        runtime=runtime,
     )
 
 

@@ -136,7 +136,8 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
     prepare = [tr for tr in runs if tr.name.startswith("prepare-dataset")]
     assert [tr.state.name for tr in prepare] == ["Cached"]
-    assert again["dataset"] == summary["dataset"]
+    assert summary["dataset"]["cached"] is False
+    assert again["dataset"] == {**summary["dataset"], "cached": True}
     assert again["model"]["version"] == "2"
     assert "challenger" in again["model"]["aliases"]
     from diffpipe.tasks import tracking

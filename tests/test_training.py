@@ -14,7 +14,7 @@ from diffusion_core.config import parse_config
 from diffusion_core.data import ImageDataset
 from diffusion_core.model import ModelCard, latest_checkpoint, load_model, write_checkpoint
 from diffusion_core.sampling import SampleRequest, generate
-from diffusion_core.training import EMA, BatchStream, TrainingError, train
+from diffusion_core.training import EMA, BatchSchedule, TrainingError, train
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,17 +160,17 @@ def test_write_checkpoint_keeps_last_two(tmp_path, tiny_config_dict):
     assert not list(tmp_path.glob(".tmp*"))
 
 
-def test_batch_stream_resumes_in_place():
-    a = BatchStream(10, 4, seed=3)
-    seq = [next(a).tolist() for _ in range(5)]
-    b = BatchStream(10, 4, seed=3)
-    for _ in range(2):
-        next(b)
-    c = BatchStream(10, 4, seed=3)
-    c.load_state_dict(b.state_dict())
-    assert [next(c).tolist() for _ in range(3)] == seq[2:]
-    # Each epoch is a permutation (two full batches of 4 from 10, ragged end dropped).
-    assert len(set(seq[0] + seq[1])) == 8
+def test_batch_schedule_is_a_function_of_the_step():
+    schedule = BatchSchedule(10, 4, seed=3)
+    seq = [schedule.indices(s).tolist() for s in range(5)]
+    again = BatchSchedule(10, 4, seed=3)
+    assert [again.indices(s).tolist() for s in (4, 2, 3)] == [seq[4], seq[2], seq[3]]
+    # Each epoch is a permutation cut into two full batches of 4 (the ragged end dropped) ...
+    epoch0 = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1_000_003))
+    assert seq[0] + seq[1] == epoch0[:8].tolist() and len(set(seq[0] + seq[1])) == 8
+    # ... and the next epoch another permutation.
+    epoch1 = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1_000_003 + 1))
+    assert seq[2] + seq[3] == epoch1[:8].tolist()
 
 
 def test_ema_warmup_and_update():

@@ -69,6 +69,15 @@ class ImageDataset:
         return int(self.images.shape[-1])
 
     @property
+    def item_shape(self) -> tuple[int, ...]:
+        """One item: (C, H, W), or (C, D, H, W) for volumes."""
+        return tuple(self.images.shape[1:])
+
+    def read(self, indices: Tensor) -> Tensor:
+        """The items at ``indices`` (uint8), as training reads them."""
+        return self.images[indices]
+
+    @property
     def dims(self) -> int:
         """2 for images, 3 for volumes."""
         return int(self.images.ndim - 2)

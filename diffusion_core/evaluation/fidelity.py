@@ -18,6 +18,7 @@ The tests check these numbers against independent float64 implementations of the
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,7 +242,7 @@ def calculate(
     reference: Tensor,
     extractor: Extractor,
     *,
-    cuda: bool = False,
+    device: torch.device | str = "cpu",
     batch_size: int = 64,
     seed: int = 0,
 ) -> FidelityResult:
@@ -250,18 +251,21 @@ def calculate(
 
     The features are read back from torch-fidelity's feature cache, kept in a temporary directory
     for this call only (its cache keys carry no content hash, so a shared cache could serve stale
-    features). The Inception Score uses one split of all samples.
+    features). The Inception Score uses one split of all samples. Features are extracted on
+    ``device`` (torch-fidelity's ``cuda`` on the current CUDA device, set to ``device``).
     """
+    device = torch.device(device)
+    on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     if min(len(generated), len(reference)) < MIN_IMAGES:
         raise ValueError(
             f"need >= {MIN_IMAGES} images per side (precision/recall uses each sample's 3rd "
             f"nearest neighbour), got {len(generated)} and {len(reference)}"
         )
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, on_gpu:
         raw = torch_fidelity.calculate_metrics(
             input1=UInt8Images(generated, rgb=extractor.rgb),
             input2=UInt8Images(reference, rgb=extractor.rgb),
-            cuda=cuda,
+            cuda=device.type == "cuda",
             batch_size=batch_size,
             isc=True,
             fid=True,
@@ -304,7 +308,7 @@ def score(
     reference: Tensor,
     extractor: Extractor,
     *,
-    cuda: bool = False,
+    device: torch.device | str = "cpu",
     batch_size: int = 64,
     draws: int = 100,
     level: float = 0.95,
@@ -323,7 +327,7 @@ def score(
     generated set's first h samples against the first half. ``fid_half_over_floor`` is the fair
     ratio; KID's floor is near zero, so it is compared as a difference.
     """
-    tf = calculate(generated, reference, extractor, cuda=cuda, batch_size=batch_size, seed=seed)
+    tf = calculate(generated, reference, extractor, device=device, batch_size=batch_size, seed=seed)
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor.name]
     layer = cls.get_default_feature_layer_for_metric("fid")
     g, r = tf.generated[layer], tf.reference[layer]

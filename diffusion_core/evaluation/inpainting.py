@@ -201,6 +201,7 @@ def evaluate_inpainting(
     cfg: InpaintEvalConfig,
     *,
     examples: int = 4,
+    dtype: torch.dtype | None = None,
 ) -> InpaintResult:
     """One row per (mask kind, method) on the first ``cfg.num_images`` of uint8 ``images``
     (N, C, H, W), completed without class labels with the steps, spacing, variance and seed of
@@ -223,7 +224,7 @@ def evaluate_inpainting(
             method_request = InpaintRequest(
                 **base, jump_length=method.jump_length, resample=method.resample
             )
-            filled = inpaint(net, card, method_request, images, mask)
+            filled = inpaint(net, card, method_request, images, mask, dtype=dtype)
             seconds = time.perf_counter() - t0
             score = score_inpainting(filled, images, mask)
             if score.known_changed:

@@ -6,6 +6,7 @@ Inception weights are at hand (and always for volumes).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,20 +77,28 @@ class TrainedClassifier:
     net: SmallCNN
     holdout_accuracy: float
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> TrainedClassifier:
+        """The same classifier on ``device`` (its outputs still come back on the CPU)."""
+        return TrainedClassifier(self.net.to(device), self.holdout_accuracy)
+
     @torch.no_grad()
+    def _batches(self, images: Tensor, fn: Callable[[Tensor], Tensor], batch_size: int) -> Tensor:
+        """``fn`` over batches of ``images`` on the classifier's device, back on the CPU."""
+        self.net.eval()
+        return torch.cat([fn(b.to(self.device)).cpu() for b in images.split(batch_size)])
+
     def predict(self, images: Tensor, *, batch_size: int = 512) -> Tensor:
-        self.net.eval()
-        return torch.cat([self.net(b).argmax(1) for b in images.split(batch_size)])
+        return self._batches(images, lambda b: self.net(b).argmax(1), batch_size)
 
-    @torch.no_grad()
     def logits(self, images: Tensor, *, batch_size: int = 512) -> Tensor:
-        self.net.eval()
-        return torch.cat([self.net(b) for b in images.split(batch_size)])
+        return self._batches(images, self.net, batch_size)
 
-    @torch.no_grad()
     def features(self, images: Tensor, *, batch_size: int = 512) -> Tensor:
-        self.net.eval()
-        return torch.cat([self.net.features(b) for b in images.split(batch_size)])
+        return self._batches(images, self.net.features, batch_size)
 
     def accuracy(self, images: Tensor, labels: Tensor) -> float:
         return float((self.predict(images) == labels).float().mean())
@@ -104,6 +113,7 @@ def train_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     width: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrainedClassifier:
     """Train on ``train_set`` with small random shifts; report accuracy on ``holdout``.
 
@@ -119,7 +129,7 @@ def train_classifier(
     width = width if width is not None else (32 if dims == 2 else 8)
     net = SmallCNN(
         in_channels=c, image_size=h, num_classes=len(train_set.class_names), width=width, dims=dims
-    )
+    ).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * int(np.ceil(len(train_set) / batch_size))
@@ -128,20 +138,22 @@ def train_classifier(
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):
-            x = _shift(images[idx], gen, max_shift=max(1, h // 16))
-            loss = F.cross_entropy(net(x), labels[idx], label_smoothing=0.05)
+            x = _shift(images[idx], gen, max_shift=max(1, h // 16)).to(device)
+            loss = F.cross_entropy(net(x), labels[idx].to(device), label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     judge = TrainedClassifier(net.eval(), 0.0)
-    return TrainedClassifier(net.eval(), judge.accuracy(holdout.images, holdout.labels))
+    accuracy = judge.accuracy(holdout.images, holdout.labels)
+    return TrainedClassifier(net.eval().cpu(), accuracy)
 
 
 def save_classifier(clf: TrainedClassifier, out_dir: Path) -> None:
     """Weights as safetensors plus the shape and accuracy needed to rebuild it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(clf.net.state_dict(), out_dir / "weights.safetensors")
+    weights = {k: v.cpu() for k, v in clf.net.state_dict().items()}
+    save_file(weights, out_dir / "weights.safetensors")
     meta = {**clf.net.shape, "holdout_accuracy": clf.holdout_accuracy}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from diffusion_core.config import SweepSetting
@@ -47,12 +48,13 @@ def sweep_row(
     request: SampleRequest,
     *,
     score: Scorer,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Sample with ``request``, time it, count NFE and score the images."""
     num_samples = request.count()
     with count_forwards(net) as calls:
         t0 = time.perf_counter()
-        samples = generate(net, card, request)
+        samples = generate(net, card, request, dtype=dtype)
         seconds = time.perf_counter() - t0
     batches = math.ceil(num_samples / request.batch_size)
     scores = score(samples.images)
@@ -80,6 +82,7 @@ def run_sweep(
     settings: tuple[SweepSetting, ...],
     *,
     score: Scorer,
+    dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """One row per setting; every other sampling knob (guidance, seed, spacing, count) from
     ``base`` and the card."""
@@ -89,6 +92,7 @@ def run_sweep(
             card,
             base.model_copy(update={"sampler": s.sampler, "steps": s.steps}),
             score=score,
+            dtype=dtype,
         )
         for s in settings
     ]

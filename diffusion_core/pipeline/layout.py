@@ -1,6 +1,8 @@
 """Where the pipeline keeps things under the artefact store's root.
 
     datasets/<key>/                 train-*.safetensors, holdout-*.safetensors, meta.json
+    training/<identity>/step-N/     checkpoints of one training, committed as it runs
+    prefect-cache/                  Prefect's cache records and cached results (prepare_dataset)
     judges/<dataset sha256>/        the domain classifier (weights.safetensors, meta.json)
     <run>/checkpoint/               weights.safetensors, ema.safetensors, card.json, state.pt
     <run>/samples/shard-NNNNN/      images.safetensors (uint8 + labels + seeds), metadata.jsonl,
@@ -25,6 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+CACHE_PREFIX = "prefect-cache"  # cached task results, shared by every host of the store
 MANIFEST = "manifest.json"  # written last: a directory without one does not exist for readers
 TMP_DIR = ".tmp"  # in-flight writes; never listed, never part of a manifest, never a key part
 
@@ -64,6 +67,11 @@ def content_key(obj: Any) -> str:
 def dataset_prefix(data: dict[str, Any]) -> str:
     """The dataset built from a ``data:`` section (its JSON form)."""
     return f"datasets/{content_key(data)}"
+
+
+def training_prefix(identity: str) -> str:
+    """The checkpoints of one training (``RunConfig.training_identity``), committed as it runs."""
+    return f"training/{identity[:16]}"
 
 
 def judge_prefix(dataset_sha256: str) -> str:

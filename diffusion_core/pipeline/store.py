@@ -147,6 +147,17 @@ class ArtefactStore:
         key = check_key("/".join(parts), allow_empty=True)
         return f"{self.root}/{key}" if key else self.root
 
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options of the store's filesystem."""
+        return dict(self._options)
+
+    def local_path(self, key: str) -> Path:
+        """The local path of ``key`` (a local store only)."""
+        if not self.local:
+            raise ValueError(f"{self.root} is not a local store")
+        return Path(self._path(check_key(key, allow_empty=True)))
+
     def _local_tmp(self, key: str) -> contextlib.AbstractContextManager[Path]:
         """An atomic write of a local key, staged in its folder's ``.tmp`` (which listings skip)."""
         final = Path(self._path(key))

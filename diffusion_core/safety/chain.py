@@ -104,12 +104,18 @@ def _factory(name: str) -> Callable[..., Any]:
     return factory
 
 
-def build_detector(spec: DetectorConfig) -> Detector:
+# Built-in detectors that run a network, and take the device to run it on.
+ON_DEVICE = frozenset({ConceptDetector.name})
+
+
+def build_detector(spec: DetectorConfig, *, device: str = "cpu") -> Detector:
     """The detector ``spec`` describes: built-in by name, or a plug-in's factory called with
-    ``spec.params``. Raises ValueError (unknown name, bad parameters, missing weights)."""
+    ``spec.params`` (a built-in network detector also gets ``device``). Raises ValueError
+    (unknown name, bad parameters, missing weights)."""
     factory = _factory(spec.name)
+    params = {**spec.params, "device": device} if spec.name in ON_DEVICE else spec.params
     try:
-        detector = factory(**spec.params)
+        detector = factory(**params)
     except TypeError as exc:
         raise ValueError(f"bad params {spec.params}: {exc}") from None
     if not callable(detector):
@@ -119,8 +125,8 @@ def build_detector(spec: DetectorConfig) -> Detector:
     return NamedDetector(spec.name, detector)
 
 
-def build_chain(config: SafetyConfig) -> list[Detector]:
-    """The enabled detectors of ``config``, in order.
+def build_chain(config: SafetyConfig, *, device: str = "cpu") -> list[Detector]:
+    """The enabled detectors of ``config``, in order (network detectors on ``device``).
 
     A detector that cannot be built (unknown name, bad parameters, missing weights, a plug-in
     that fails to import) becomes a :class:`FailedDetector` carrying the error: building never
@@ -131,7 +137,7 @@ def build_chain(config: SafetyConfig) -> list[Detector]:
         if not spec.enabled:
             continue
         try:
-            chain.append(build_detector(spec))
+            chain.append(build_detector(spec, device=device))
         except Exception as exc:
             error = f"misconfigured: {exc}"
             logger.error("safety detector %s: %s", spec.name, error)

@@ -83,6 +83,7 @@ class ConceptDetector:
         sha256: str | None = None,
         random_weights: bool = False,
         batch_size: int = 64,
+        device: str = "cpu",
     ) -> None:
         if isinstance(concepts, str | bytes) or not isinstance(concepts, Sequence) or not concepts:
             raise ValueError(
@@ -100,7 +101,7 @@ class ConceptDetector:
         if batch_size < 1:
             raise ValueError(f"concept: batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.clip: ClipModel = load_clip(model, pretrained, sha256=sha256)
+        self.clip: ClipModel = load_clip(model, pretrained, sha256=sha256).to(device)
         self._text = [self.clip.text_features(list(c.prompts)) for c in self.concepts]
 
     def scores(self, images: Tensor) -> dict[str, Tensor]:

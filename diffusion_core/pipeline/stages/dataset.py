@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_core.config import VOLUME_KINDS, DataConfig
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
+from diffusion_core.data.sharded import ShardedDataset
 from diffusion_core.evaluation.judge import (
     TrainedClassifier,
     load_classifier,
@@ -128,17 +129,48 @@ def read_split(store: ArtefactStore, ref: DatasetRef, split: str) -> ImageDatase
     )
 
 
-def domain_classifier(store: ArtefactStore, dataset: DatasetRef) -> tuple[TrainedClassifier, str]:
-    """The dataset's own classifier, trained once per dataset and cached in the store; with the
-    sha256 of its weights."""
+def open_split(store: ArtefactStore, ref: DatasetRef, split: str, cache: Path) -> ShardedDataset:
+    """One split of a stored dataset, read from local copies of its shards as it is needed
+    (training's view: memory does not grow with the dataset). The shards are fetched into
+    ``cache`` once, each verified against the manifest; a copy verified before is reused."""
+    files = store.read_manifest(ref.prefix)["files"]
+    folder = cache / ref.sha256[:16]
+    local = []
+    for rel in sorted(f for f in files if f.startswith(f"{split}-") or f == "meta.json"):
+        entry, path = files[rel], folder / rel
+        marker = path.with_name(f".{path.name}.sha256")
+        verified = marker.is_file() and marker.read_text() == entry["sha256"]
+        if not (verified and path.is_file() and path.stat().st_size == entry["size"]):
+            store.get_file(f"{ref.prefix}/{rel}", path, sha256=entry["sha256"], size=entry["size"])
+            marker.write_text(entry["sha256"])
+        if rel != "meta.json":
+            local.append(path)
+    meta = json.loads((folder / "meta.json").read_text())
+    return ShardedDataset(
+        local,
+        class_names=ref.class_names,
+        captions=meta["captions"][split],
+        sha256=ref.sha256,
+        source=ref.url,
+    )
+
+
+def domain_classifier(
+    store: ArtefactStore, dataset: DatasetRef, device: torch.device | str = "cpu"
+) -> tuple[TrainedClassifier, str]:
+    """The dataset's own classifier (on ``device``), trained once per dataset and cached in the
+    store; with the sha256 of its weights."""
     prefix = judge_prefix(dataset.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         if not store.exists_dir(prefix):
             clf = train_classifier(
-                read_split(store, dataset, "train"), read_split(store, dataset, "holdout")
+                read_split(store, dataset, "train"),
+                read_split(store, dataset, "holdout"),
+                device=device,
             )
             save_classifier(clf, Path(tmp))
             store.put_dir(prefix, tmp)
         manifest = store.read_manifest(prefix)
         store.get_dir(prefix, tmp)
-        return load_classifier(Path(tmp)), manifest["files"]["weights.safetensors"]["sha256"]
+        judge = load_classifier(Path(tmp)).to(device)
+        return judge, manifest["files"]["weights.safetensors"]["sha256"]

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from diffusion_core.config import EvaluationConfig, SamplingDefaults, diffpipe_home
+from diffusion_core.config import (
+    DEFAULT_RUNTIME,
+    EvaluationConfig,
+    RuntimeConfig,
+    SamplingDefaults,
+    diffpipe_home,
+)
+from diffusion_core.distributed import resolve_device
 from diffusion_core.evaluation import fidelity
 from diffusion_core.evaluation.judge import TrainedClassifier, save_classifier
 from diffusion_core.evaluation.promotion import reference_record, sampling_record
@@ -29,12 +36,16 @@ class Evaluation:
 
 
 def evaluation_extractor(
-    store: ArtefactStore, dataset: DatasetRef, ec: EvaluationConfig, work_dir: Path
+    store: ArtefactStore,
+    dataset: DatasetRef,
+    ec: EvaluationConfig,
+    work_dir: Path,
+    device: torch.device | str = "cpu",
 ) -> tuple[fidelity.Extractor, TrainedClassifier]:
-    """The configured feature extractor, and the domain classifier (the judge of conditional
-    accuracy whichever extractor computes the features). Fetched Inception weights are cached
-    under ``$DIFFPIPE_HOME/cache/weights``."""
-    judge, judge_sha = domain_classifier(store, dataset)
+    """The configured feature extractor, and the domain classifier on ``device`` (the judge of
+    conditional accuracy whichever extractor computes the features). Fetched Inception weights
+    are cached under ``$DIFFPIPE_HOME/cache/weights``."""
+    judge, judge_sha = domain_classifier(store, dataset, device)
     if ec.extractor == "inception-v3-compat":
         return fidelity.inception_extractor(ec, diffpipe_home() / "cache" / "weights"), judge
     save_classifier(judge, work_dir)
@@ -64,10 +75,13 @@ def evaluate_samples(
     seed: int,
     out_key: str,
     evaluation: EvaluationConfig,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> Evaluation:
     """Every number of one evaluation of the published samples (drawn with ``knobs`` at ``nfe``
-    network evaluations from ``seed``), committed as ``out_key``."""
+    network evaluations from ``seed``), committed as ``out_key``. Features are extracted on
+    ``runtime.device``."""
     ec = evaluation
+    device = resolve_device(runtime.device)
     published = read_published(store, safety_prefix)
     holdout = read_split(store, dataset, "holdout")
     n = min(len(published["images"]), ec.num_samples or len(published["images"]))
@@ -79,12 +93,12 @@ def evaluate_samples(
     images = published["images"][:n]
     labels = published["labels"][:n] if "labels" in published else None
     with tempfile.TemporaryDirectory() as tmp:
-        extractor, judge = evaluation_extractor(store, dataset, ec, Path(tmp))
+        extractor, judge = evaluation_extractor(store, dataset, ec, Path(tmp), device)
         metrics = fidelity.score(
             images,
             holdout.images,
             extractor,
-            cuda=torch.cuda.is_available(),
+            device=device,
             batch_size=ec.batch_size,
             draws=ec.interval_draws,
             level=ec.interval_level,
@@ -101,6 +115,7 @@ def evaluate_samples(
         "num_samples": n,
         **sampling_record(knobs.model_dump(), nfe=nfe, seed=seed),
         "seeds": f"{int(seeds.min())}..{int(seeds.max())}",  # per-sample noise seeds
+        "device": str(device),  # where the features were extracted (not compared)
     }
     store.write_json(out_key, {"metrics": metrics, "record": record})
     return Evaluation(metrics, record)

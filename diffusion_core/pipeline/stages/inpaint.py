@@ -12,7 +12,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from diffusion_core.config import InpaintEvalConfig
+from diffusion_core.config import DEFAULT_RUNTIME, InpaintEvalConfig, RuntimeConfig
+from diffusion_core.distributed import inference_dtype, resolve_device
 from diffusion_core.evaluation import inpainting
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
 from diffusion_core.pipeline.stages.sample import fetch_model
@@ -25,6 +26,7 @@ class InpaintEvaluation:
     prefix: str
     metrics: dict[str, float]  # inpaint/<mask>/<method>/<stat>, inpaint/known_region_exact
     rows: list[dict[str, Any]]  # one per (mask kind, method)
+    device: str = "cpu"
 
 
 def evaluate_inpainting(
@@ -35,20 +37,23 @@ def evaluate_inpainting(
     request: SampleRequest,
     config: InpaintEvalConfig,
     out_prefix: str,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> InpaintEvaluation:
     """RePaint against plain replacement on the first holdout images with the standard masks;
     commits ``summary.json`` (rows, metrics, config) and ``examples.safetensors`` (the report's
     example completions) under ``out_prefix``."""
     holdout = read_split(store, dataset, "holdout")
-    net, card = fetch_model(store, checkpoint_prefix)
-    result = inpainting.evaluate_inpainting(net, card, request, holdout.images, config)
+    device = resolve_device(runtime.device)
+    net, card = fetch_model(store, checkpoint_prefix, device)
+    dtype = inference_dtype(device, runtime.precision)
+    result = inpainting.evaluate_inpainting(net, card, request, holdout.images, config, dtype=dtype)
     metrics = inpainting.inpainting_metrics(result.rows)
     with tempfile.TemporaryDirectory() as tmp:
         summary = {"metrics": metrics, "rows": result.rows, "config": config.model_dump()}
         (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2))
         save_file({"images": result.examples.contiguous()}, Path(tmp) / "examples.safetensors")
         store.put_dir(out_prefix, tmp)
-    return InpaintEvaluation(out_prefix, metrics, result.rows)
+    return InpaintEvaluation(out_prefix, metrics, result.rows, str(device))
 
 
 def read_inpainting(store: ArtefactStore, prefix: str) -> tuple[list[dict[str, Any]], Tensor]:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from diffusion_core.config import SafetyConfig
+from diffusion_core.config import DEFAULT_RUNTIME, RuntimeConfig, SafetyConfig
+from diffusion_core.distributed import resolve_device
 from diffusion_core.evaluation.judge import TrainedClassifier
 from diffusion_core.pipeline.modality import modality
 from diffusion_core.pipeline.stages.dataset import DatasetRef, domain_classifier, read_split
@@ -30,6 +31,7 @@ class SafetyRef:
     flag_rates: dict[str, float]
     flag_counts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # where the network detectors ran
 
 
 def safety_filter(
@@ -39,14 +41,17 @@ def safety_filter(
     *,
     out_prefix: str,
     safety: SafetyConfig,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> SafetyRef:
     """Run the configured detector chain over every sample; publish what passes, quarantine
     the rest with its scores and reasons, and log every decision to ``audit.jsonl``.
 
     Committed as one directory (``published.safetensors``, ``quarantine/images.safetensors``,
     ``quarantine/records.jsonl``, ``audit.jsonl``, ``summary.json``), so readers see all of it
-    or none. Sample ids are positions in the concatenated shards, which hold ids in order.
+    or none. Sample ids are positions in the concatenated shards, which hold ids in order. The
+    detectors' networks (the domain classifier, CLIP) run on ``runtime.device``.
     """
+    device = resolve_device(runtime.device)
     samples = read_shards(store, shard_prefixes)
     train_set = read_split(store, dataset, "train")
     kind = modality(dataset.dims)
@@ -55,7 +60,7 @@ def safety_filter(
 
     def features(images: Tensor) -> Tensor:  # the domain classifier, fetched on first use
         if not judge:
-            judge.append(domain_classifier(store, dataset)[0])
+            judge.append(domain_classifier(store, dataset, device)[0])
         return judge[0].features(images)
 
     context = SafetyContext(
@@ -66,7 +71,8 @@ def safety_filter(
     )
     n = len(images)
     safety = kind.safety_config(safety)
-    decision = filter_images(images, context, build_chain(safety), sample_ids=range(n))
+    chain = build_chain(safety, device=str(device))
+    decision = filter_images(images, context, chain, sample_ids=range(n))
     keep = decision.published
     samples = {**samples, "sample_ids": torch.arange(n)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +99,7 @@ def safety_filter(
             decision.flag_rates(),
             decision.flag_counts(),
             dict(decision.failures),
+            str(device),
         )
         summary = {**asdict(ref), "safety": safety.model_dump(mode="json")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

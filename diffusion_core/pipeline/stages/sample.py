@@ -4,6 +4,8 @@ with its per-sample metadata."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from diffusion_core.config import SamplingDefaults
+from diffusion_core.config import DEFAULT_RUNTIME, RuntimeConfig, SamplingDefaults
+from diffusion_core.distributed import inference_dtype, resolve_device
 from diffusion_core.model import ModelCard, load_model
 from diffusion_core.pipeline.modality import modality
 from diffusion_core.pipeline.store import ArtefactStore
@@ -29,13 +32,18 @@ class ShardRef:
     seconds: float
     nfe: int
     knobs: SamplingDefaults  # the sampling settings the shard was drawn with
+    device: str = "cpu"  # where the network ran
+    worker: str = ""  # host:pid of the process that drew the shard
 
 
-def fetch_model(store: ArtefactStore, checkpoint_prefix: str) -> tuple[UNet, ModelCard]:
-    """The EMA network and card of a checkpoint committed in the store."""
+def fetch_model(
+    store: ArtefactStore, checkpoint_prefix: str, device: torch.device | str = "cpu"
+) -> tuple[UNet, ModelCard]:
+    """The EMA network (on ``device``) and card of a checkpoint committed in the store."""
     with tempfile.TemporaryDirectory() as tmp:
         store.get_dir(checkpoint_prefix, tmp)
-        return load_model(tmp)
+        net, card = load_model(tmp)
+    return net.to(device), card
 
 
 def sample_shard(
@@ -46,18 +54,21 @@ def sample_shard(
     out_prefix: str,
     shard: int,
     shard_size: int,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> ShardRef:
     """Samples [shard * shard_size, ...) of the ``request.count()`` a run draws (the same images,
     labels and prompts as one unsharded call, see ``sampling.generate``), committed under
-    ``out_prefix/shard-NNNNN``."""
-    net, card = fetch_model(store, checkpoint_prefix)
+    ``out_prefix/shard-NNNNN``. The network runs on ``runtime.device``."""
+    device = resolve_device(runtime.device)
+    net, card = fetch_model(store, checkpoint_prefix, device)
+    dtype = inference_dtype(device, runtime.precision)
     total = request.count()
     start, stop = shard * shard_size, min(total, (shard + 1) * shard_size)
     part: dict[str, Any] = {"num_samples": stop - start}
     if request.labels is not None and len(request.labels) > 1:  # one label per sample
         part["labels"] = request.labels[start:stop]
     t0 = time.perf_counter()
-    samples = generate(net, card, request.model_copy(update=part), offset=start)
+    samples = generate(net, card, request.model_copy(update=part), offset=start, dtype=dtype)
     seconds = time.perf_counter() - t0
     knobs = samples.knobs
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +94,8 @@ def sample_shard(
                 f.write(json.dumps(record) + "\n")
         prefix = f"{out_prefix}/shard-{shard:05d}"
         store.put_dir(prefix, out)
-    return ShardRef(prefix, len(samples.images), seconds, samples.nfe, knobs)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    return ShardRef(prefix, len(samples.images), seconds, samples.nfe, knobs, str(device), worker)
 
 
 def read_tensors(store: ArtefactStore, prefix: str, name: str) -> dict[str, Tensor]:

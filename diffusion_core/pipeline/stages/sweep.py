@@ -11,9 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from diffusion_core.config import EvaluationConfig
+from diffusion_core.config import DEFAULT_RUNTIME, EvaluationConfig, RuntimeConfig
+from diffusion_core.distributed import inference_dtype, resolve_device
 from diffusion_core.evaluation import fidelity
 from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
@@ -39,6 +38,7 @@ def sweep_samplers(
     request: SampleRequest,
     evaluation: EvaluationConfig,
     out_prefix: str,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> SweepRef:
     """One row per ``evaluation.sweep`` setting, each at ``evaluation.sweep_num_samples``
     samples with the other knobs of ``request`` (or the card's). Sweep samples are judged raw (no
@@ -47,23 +47,23 @@ def sweep_samplers(
     if not ec.sweep:
         raise ValueError("evaluation.sweep is empty: nothing to sweep")
     holdout = read_split(store, dataset, "holdout")
-    net, card = fetch_model(store, checkpoint_prefix)
-    if torch.cuda.is_available():
-        net = net.cuda()
+    device = resolve_device(runtime.device)
+    net, card = fetch_model(store, checkpoint_prefix, device)
     with tempfile.TemporaryDirectory() as tmp:
-        extractor, _ = evaluation_extractor(store, dataset, ec, Path(tmp))
+        extractor, _ = evaluation_extractor(store, dataset, ec, Path(tmp), device)
         score = partial(
             fidelity.score,
             reference=holdout.images,
             extractor=extractor,
-            cuda=torch.cuda.is_available(),
+            device=device,
             batch_size=ec.batch_size,
             draws=ec.interval_draws,
             level=ec.interval_level,
             seed=request.seed,
         )
         base = request.model_copy(update={"num_samples": ec.sweep_num_samples})
-        rows = run_sweep(net, card, base, ec.sweep, score=score)
+        dtype = inference_dtype(device, runtime.precision)
+        rows = run_sweep(net, card, base, ec.sweep, score=score, dtype=dtype)
     best = fewest_nfe_match(rows)
     record = {**evaluation_reference(extractor, ec, dataset, len(holdout)), "safety_filter": False}
     with tempfile.TemporaryDirectory() as tmp:

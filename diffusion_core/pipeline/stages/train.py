@@ -1,18 +1,42 @@
-"""The training stage: train (or resume) in a local work directory keyed by the training identity,
-then commit the checkpoint, with this run's model card, to the store."""
+"""The training stage: train (or resume) a config on a stored dataset, in one process or in
+``train.nproc`` processes under ``torchrun``, with every checkpoint committed to the artefact
+store as it is written, so a lost worker, or a worker on another host, resumes where it stopped.
+
+Checkpoints of one training live under ``training/<training identity>/step-NNNNNNN`` in the store
+(the newest ``train.keep_checkpoints``), and under ``<work dir>/train-<identity>/`` on the worker.
+Training resumes from the local copy, or, when there is none (a new host, a wiped disk), from the
+store's newest. The finished checkpoint is committed under the run's ``checkpoint`` prefix with
+this run's model card (its sampling defaults are this config's).
+
+``python -m diffusion_core.pipeline.stages.train SPEC.json`` is what each ``torchrun`` process
+runs: the spec names the config, the dataset, the store and the work directory.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from diffusion_core.config import RunConfig
-from diffusion_core.model import CARD_FILE
-from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
+from diffusion_core.distributed import rank_and_world, resolve_device
+from diffusion_core.model import CARD_FILE, LATEST, ModelCard
+from diffusion_core.pipeline.layout import training_prefix
+from diffusion_core.pipeline.stages.dataset import DatasetRef, open_split
 from diffusion_core.pipeline.store import ArtefactStore
-from diffusion_core.training import TrainResult, train
+from diffusion_core.training import TrainingError, TrainResult, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -23,12 +47,129 @@ class CheckpointRef:
     steps_run: int  # steps this call ran (fewer than ``steps`` when it resumed, 0 when complete)
     images_per_second: float
     history: list[dict[str, float]] = field(default_factory=list)
+    device: str = "cpu"  # where rank 0 trained
+    processes: int = 1
 
 
 def work_dir_for(cfg: RunConfig, dataset: DatasetRef, work_dir: Path) -> Path:
     """The local training directory of ``cfg`` on ``dataset``: keyed by what changes the trained
     weights, so changing sampling, safety, evaluation or sharding resumes the same training."""
     return work_dir / f"train-{cfg.training_identity(dataset.sha256)[:16]}"
+
+
+def processes(cfg: RunConfig) -> int:
+    """How many training processes ``train.nproc`` asks for on this machine."""
+    if cfg.train.nproc != "auto":
+        return int(cfg.train.nproc)
+    device = resolve_device(cfg.runtime.device)
+    return torch.cuda.device_count() if device.type == "cuda" else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints in the store.
+
+
+def stored_steps(store: ArtefactStore, prefix: str) -> list[int]:
+    """The committed checkpoints under ``prefix``, by step."""
+    found = {key.split("/")[-2] for key in store.list(prefix) if key.endswith("/manifest.json")}
+    return sorted(int(name.removeprefix("step-")) for name in found if name.startswith("step-"))
+
+
+def restore(store: ArtefactStore, prefix: str, local: Path) -> int | None:
+    """When ``local`` holds no checkpoint, fetch the store's newest into it; its step, or None."""
+    root = local / "checkpoints"
+    if (root / LATEST).is_file():
+        return None
+    steps = stored_steps(store, prefix)
+    if not steps:
+        return None
+    name = f"step-{steps[-1]:07d}"
+    store.get_dir(f"{prefix}/{name}", root / name)
+    (root / LATEST).write_text(name)
+    log.info("resuming from %s/%s in the store", store.url(prefix), name)
+    return steps[-1]
+
+
+def committer(store: ArtefactStore, prefix: str, keep: int) -> Any:
+    """A checkpoint callback: commit each checkpoint under ``prefix``, keep the newest ``keep``."""
+
+    def commit(path: Path) -> None:
+        store.put_dir(f"{prefix}/{path.name}", path)
+        for old in stored_steps(store, prefix)[:-keep]:
+            store.delete(f"{prefix}/step-{old:07d}")
+
+    return commit
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, in this process or under torchrun.
+
+
+def run_training(
+    cfg: RunConfig, dataset: DatasetRef, store: ArtefactStore, work_dir: Path, *, progress: bool
+) -> TrainResult:
+    """Train in this process (one rank of a torchrun, or alone) from the local checkpoint, if
+    any; rank 0 commits every checkpoint to the store; every rank reads only its part of each
+    batch."""
+    local = work_dir_for(cfg, dataset, work_dir)
+    prefix = training_prefix(cfg.training_identity(dataset.sha256))
+    train_set = open_split(store, dataset, "train", work_dir / "data")
+    return train(
+        cfg,
+        train_set,
+        local,
+        progress=progress,
+        on_checkpoint=committer(store, prefix, cfg.train.keep_checkpoints),
+    )
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What each torchrun process needs to train its rank."""
+
+    config: dict[str, Any]
+    dataset: str  # DatasetRef.to_json()
+    artefact_root: str
+    work_dir: str
+    out_dir: str  # where rank 0 writes result.json, and every rank its error
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+
+def _launch(cfg: RunConfig, dataset: DatasetRef, store: ArtefactStore, work_dir: Path) -> Path:
+    """Run ``train.nproc`` processes under torchrun, their output streamed into this process's
+    log; the folder of rank 0's ``result.json``, or TrainingError with the failing rank's error."""
+    out = Path(tempfile.mkdtemp(prefix="diffpipe-train-"))
+    spec = TrainSpec(cfg.to_dict(), dataset.to_json(), store.root, str(work_dir), str(out))
+    spec_file = out / "spec.json"
+    spec.write(spec_file)
+    nodes = os.environ.get("DIFFPIPE_NNODES", "1")
+    rendezvous = (
+        ["--standalone"]
+        if nodes == "1"
+        else [
+            f"--nnodes={nodes}",
+            f"--node-rank={os.environ.get('DIFFPIPE_NODE_RANK', '0')}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={os.environ['DIFFPIPE_RDZV_ENDPOINT']}",
+            f"--rdzv-id={os.environ.get('DIFFPIPE_RDZV_ID', 'diffpipe')}",
+        ]
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *rendezvous]
+    command = [*torchrun, f"--nproc-per-node={processes(cfg)}", "-m", __name__, str(spec_file)]
+    log.info("training in %d processes: %s", processes(cfg), " ".join(command))
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.info("%s", line.rstrip())
+    errors = sorted(out.glob("error-rank*.txt"))
+    if proc.returncode != 0 or errors:
+        message = errors[0].read_text() if errors else f"torchrun exited with {proc.returncode}"
+        raise TrainingError(f"distributed training failed: {message}")
+    return out
 
 
 def train_model(
@@ -40,24 +181,61 @@ def train_model(
     work_dir: Path,
     progress: bool = False,
 ) -> CheckpointRef:
-    """Train (an interrupted run resumes, a finished one runs 0 steps), then commit the final
-    checkpoint under ``checkpoint_prefix`` with this run's card (its sampling defaults are this
-    config's)."""
-    train_set = read_split(store, dataset, "train")
-    result: TrainResult = train(
-        cfg, train_set, work_dir_for(cfg, dataset, work_dir), progress=progress
-    )
+    """Train (an interrupted run resumes from the local or the stored checkpoint, a finished one
+    runs 0 steps), then commit the final checkpoint under ``checkpoint_prefix`` with this run's
+    card."""
+    nproc = processes(cfg)
+    prefix = training_prefix(cfg.training_identity(dataset.sha256))
+    restore(store, prefix, work_dir_for(cfg, dataset, work_dir))  # before any rank starts
+    if nproc > 1:
+        out = _launch(cfg, dataset, store, work_dir)
+        result = json.loads((out / "result.json").read_text())
+        checkpoint, card = Path(result["checkpoint"]), ModelCard.from_dict(result["card"])
+        steps_run, ips, history = result["steps"], result["images_per_second"], result["history"]
+        device = result["device"]
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        done = run_training(cfg, dataset, store, work_dir, progress=progress)
+        checkpoint, card, steps_run = done.checkpoint, done.card, done.steps
+        ips, history = done.images_per_second, done.history
+        device = str(resolve_device(cfg.runtime.device))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "checkpoint"
-        shutil.copytree(result.checkpoint, staged)
-        (staged / CARD_FILE).write_text(result.card.to_json())
+        shutil.copytree(checkpoint, staged)
+        (staged / CARD_FILE).write_text(card.to_json())
         store.put_dir(checkpoint_prefix, staged)
-    steps = int(result.history[-1]["step"]) if result.history else cfg.train.steps
-    return CheckpointRef(
-        checkpoint_prefix,
-        store.url(checkpoint_prefix),
-        steps,
-        result.steps,
-        result.images_per_second,
-        result.history,
-    )
+    steps = int(history[-1]["step"]) if history else cfg.train.steps
+    url = store.url(checkpoint_prefix)
+    return CheckpointRef(checkpoint_prefix, url, steps, steps_run, ips, history, device, nproc)
+
+
+def main(spec_path: str) -> None:
+    """One torchrun process: train its rank; rank 0 writes ``result.json``, and any rank that
+    fails writes ``error-rank<r>.txt`` (the error the parent reports)."""
+    spec = TrainSpec(**json.loads(Path(spec_path).read_text()))
+    out = Path(spec.out_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = RunConfig.model_validate(spec.config)
+        dataset = DatasetRef.from_json(spec.dataset, dims=cfg.model.dims)
+        store = ArtefactStore(spec.artefact_root)
+        done = run_training(cfg, dataset, store, Path(spec.work_dir), progress=False)
+        if rank_and_world()[0] == 0:
+            result = {
+                "checkpoint": str(done.checkpoint),
+                "card": done.card.model_dump(mode="json"),
+                "steps": done.steps,
+                "images_per_second": done.images_per_second,
+                "history": done.history,
+                "device": str(resolve_device(cfg.runtime.device)),
+            }
+            (out / "result.json").write_text(json.dumps(result))
+    except Exception as exc:
+        (out / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        raise
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1])
