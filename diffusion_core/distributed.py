@@ -15,18 +15,34 @@ class DeviceError(ValueError):
     """A device setting this machine cannot honour."""
 
 
+def local_gpu_index() -> int:
+    """Which of this machine's GPUs a process that says ``cuda`` uses: its ``LOCAL_RANK`` under
+    torchrun; in a worker of a local Dask cluster (workers named 0..n-1) its name modulo the
+    GPU count, so that n workers spread over the GPUs; else 0. Workers that each see one GPU
+    (CUDA_VISIBLE_DEVICES set per worker, as dask-cuda does) use that one."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # no Dask, or not in a Dask worker
+        return 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return name % count if isinstance(name, int) and count else 0
+
+
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
-    """The device ``spec`` names: ``auto`` is this process's GPU (``LOCAL_RANK`` under torchrun)
-    when CUDA is present, else the CPU; ``cuda`` is this process's GPU, ``cuda:N`` that one; a
-    GPU that does not exist is a DeviceError."""
+    """The device ``spec`` names: ``auto`` is this process's GPU (``local_gpu_index``) when CUDA
+    is present, else the CPU; ``cuda`` is this process's GPU, ``cuda:N`` that one; a GPU that
+    does not exist is a DeviceError."""
     if isinstance(spec, torch.device):
         return spec
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     name = spec
     if spec == "auto":
-        name = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    elif spec == "cuda":  # under torchrun, each process its own GPU
-        name = f"cuda:{local}"
+        name = f"cuda:{local_gpu_index()}" if torch.cuda.is_available() else "cpu"
+    elif spec == "cuda":  # under torchrun or Dask, each process its own GPU
+        name = f"cuda:{local_gpu_index()}"
     device = torch.device(name)
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

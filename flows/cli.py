@@ -161,9 +161,27 @@ def _add_pipeline_commands(sub: Any) -> None:
     p.set_defaults(func=runs.compare)
 
     p = sub.add_parser("deploy", help="register the Prefect deployments (needs PREFECT_API_URL)")
-    p.add_argument("--prefect-file", default="deployments/prefect.yaml")
-    p.add_argument("--pool", default="diffpipe", help="process work pool (created when missing)")
+    p.add_argument(
+        "--prefect-file", help="deployment file (default: the packaged deployments/prefect.yaml)"
+    )
+    p.add_argument(
+        "--pool",
+        default="diffpipe",
+        help="the work pool every deployment uses (created if missing)",
+    )
+    p.add_argument(
+        "--pool-type", default="process", help="type of a pool to create: process, docker, ..."
+    )
+    p.add_argument("--job-template", help="base job template (JSON) of a pool to create")
     p.set_defaults(func=runs.deploy)
+
+    p = sub.add_parser(
+        "train-node", help="join a multi-node training as node DIFFPIPE_NODE_RANK (> 0)"
+    )
+    p.add_argument("--artefact-root", required=True, help="the store node 0 trains from")
+    p.add_argument("--work-dir", help="local training directory (default: $DIFFPIPE_HOME/work)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for node 0")
+    p.set_defaults(func=runs.train_node)
 
 
 def _add_safety_commands(sub: Any) -> None:

@@ -5,10 +5,12 @@ exit codes."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -122,23 +124,101 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensure_pool(name: str, *, kind: str, job_template: str | None) -> bool:
+    """Create the work pool ``name`` (of ``kind``, with the base job template in the JSON file
+    ``job_template``) unless the server has it; True when it was created. Asked through
+    Prefect's client, by name."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    template: dict[str, Any] = {}
+    if job_template:
+        try:
+            template = json.loads(Path(job_template).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--job-template {job_template}: not a JSON file ({exc})") from None
+    api = os.environ.get("PREFECT_API_URL")
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_work_pool(name)
+                return False
+            except ObjectNotFound:
+                pool = WorkPoolCreate(name=name, type=kind, base_job_template=template)
+                client.create_work_pool(work_pool=pool)
+                return True
+    except PrefectHTTPStatusError as exc:
+        detail = exc.response.text[:300]
+        raise UsageError(f"work pool {name!r} ({kind}): the server refused it: {detail}") from None
+    except httpx.HTTPError as exc:
+        raise UsageError(f"PREFECT_API_URL={api}: no Prefect server answers ({exc})") from None
+    except ValueError as exc:  # the pool's name or template, as Prefect's model checks them
+        raise UsageError(f"work pool {name!r}: {exc}") from None
+
+
+def with_pool(prefect_file: Path, pool: str) -> dict[str, Any]:
+    """The deployments of ``prefect_file``, every one on the work pool ``pool``."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    try:
+        data = yaml.safe_load(prefect_file.read_text())
+        PrefectYamlModel.model_validate(data)
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise UsageError(f"{prefect_file}: not a Prefect deployment file ({exc})") from None
+    for deployment in data.get("deployments") or []:
+        deployment.setdefault("work_pool", {})["name"] = pool
+    return data
+
+
 def deploy(args: argparse.Namespace) -> int:
-    """Register deployments/prefect.yaml with the Prefect server at PREFECT_API_URL."""
+    """Register the deployments of ``--prefect-file`` on the work pool ``--pool`` (created when
+    missing) with the Prefect server at PREFECT_API_URL."""
     if not os.environ.get("PREFECT_API_URL"):
         raise UsageError(
             "PREFECT_API_URL is not set: start a server (prefect server start) and "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
-    prefect = [sys.executable, "-m", "prefect"]
-    pools = subprocess.run([*prefect, "work-pool", "ls"], capture_output=True, text=True)
-    if args.pool not in pools.stdout:
-        subprocess.run(
-            [*prefect, "work-pool", "create", args.pool, "--type", "process"], check=True
-        )
-    deploy = [*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", args.prefect_file]
-    result = subprocess.run(deploy, cwd=Path(args.prefect_file).resolve().parents[1])
+    prefect_file = Path(args.prefect_file or packaged_deployments() / "prefect.yaml")
+    if not prefect_file.is_file():
+        raise UsageError(f"--prefect-file {prefect_file}: no such file")
+    data = with_pool(prefect_file, args.pool)
+    if ensure_pool(args.pool, kind=args.pool_type, job_template=args.job_template):
+        print(f"created work pool {args.pool!r} ({args.pool_type})")
+    with tempfile.TemporaryDirectory(prefix="diffpipe-deploy-") as tmp:
+        rendered = Path(tmp) / "prefect.yaml"
+        rendered.write_text(yaml.safe_dump(data, sort_keys=False))
+        command = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "--no-prompt",
+            "deploy",
+            "--all",
+            "--prefect-file",
+            str(rendered),
+        ]
+        result = subprocess.run(command)  # module entrypoints: any working directory
     if result.returncode != 0:
         print("diffpipe: prefect deploy failed", file=sys.stderr)
         return EXIT_FAILED
     print(f"deployments registered; start a worker: prefect worker start --pool {args.pool}")
+    return 0
+
+
+def packaged_deployments() -> Path:
+    """The deployment files installed with diffpipe."""
+    from importlib import resources
+
+    return Path(str(resources.files("diffpipe.deployments")))
+
+
+def train_node(args: argparse.Namespace) -> int:
+    """Another machine of a multi-node training: joins node 0's torchrun rendezvous."""
+    from diffusion_core.pipeline.stages.train import train_node as run_node
+    from diffusion_core.pipeline.store import ArtefactStore
+
+    work_dir = Path(args.work_dir) if args.work_dir else diffpipe_home() / "work"
+    run_node(ArtefactStore(args.artefact_root), work_dir=work_dir, timeout=args.timeout)
     return 0

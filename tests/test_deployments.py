@@ -132,34 +132,64 @@ def drain_prefect_workers() -> None:
 
 
 def check_deployments_and_trigger(env, home, tmp_path):
-    # Register the deployments from deployments/prefect.yaml.
+    # Register the packaged deployments on a pool of our own, from a directory that is not the
+    # checkout (module entrypoints); the evaluation deployment gets the tiny config.
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(PIPELINE_TINY | {"name": "triggered"}))
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        if deployment["name"] == "evaluate":
+            deployment["parameters"]["config"] = str(config)
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     deploy = subprocess.run(
-        [sys.executable, "-m", "diffpipe.flows.cli", "deploy"],
+        [
+            sys.executable,
+            "-m",
+            "diffpipe.flows.cli",
+            "deploy",
+            "--prefect-file",
+            str(prefect_file),
+            "--pool",
+            "nightly-cpu",
+        ],
         env=env,
-        cwd=REPO,
+        cwd=elsewhere,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    assert "created work pool 'nightly-cpu'" in deploy.stdout
     deployments = {d.name: d for d in asyncio.run(_deployments())}
     assert set(deployments) == {"nightly-train", "evaluate", "compare"}
+    assert {d.work_pool_name for d in deployments.values()} == {"nightly-cpu"}
     nightly = deployments["nightly-train"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.parameters["evaluate"] is False
+    assert nightly.global_concurrency_limit.limit == 1  # one nightly run at a time
+    assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert deployments["evaluate"].entrypoint == "diffpipe.flows.pipeline:evaluate_model"
 
     # A worker for the process pool, then a training run that registers a model.
     worker_log = open(home / "worker.log", "w")  # noqa: SIM115 - lives as long as the worker
     worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "diffpipe", "--limit", "1"],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            *("--pool", "nightly-cpu", "--limit", "1"),
+        ],
         env=env,
-        cwd=REPO,
+        cwd=elsewhere,
         stdout=worker_log,
         stderr=subprocess.STDOUT,
     )
     try:
-        config = tmp_path / "tiny.yaml"
-        config.write_text(yaml.safe_dump(PIPELINE_TINY | {"name": "triggered"}))
         from diffpipe.flows.pipeline import nightly as nightly_flow
 
         summary = nightly_flow(config=str(config), evaluate=False)

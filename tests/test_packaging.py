@@ -63,6 +63,9 @@ def test_the_wheel_holds_the_packages_and_their_data(wheel: Path) -> None:
         "diffpipe/configs/shapes_text.yaml",
         "diffpipe/configs/clip/tiny-clip.json",
         "diffpipe/deployments/prefect.yaml",
+        "diffpipe/deployments/prefect.remote.yaml",
+        "diffpipe/deployments/kubernetes-job-template.json",
+        "diffpipe/deployments/docker-job-template.json",
         "diffusion_core/pipeline/stages/train.py",
         "diffusion_core/py.typed",
     ):

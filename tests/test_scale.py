@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_core.config import ConfigError, parse_config
 from diffusion_core.distributed import DeviceError, inference_dtype, resolve_device
-from tests.conftest import TINY
+from tests.conftest import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,33 @@ def test_the_device_setting_resolves_or_names_what_is_missing() -> None:
     assert inference_dtype(torch.device("cpu")) is None
     assert inference_dtype(torch.device("cuda")) is torch.bfloat16
     assert inference_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+
+
+def test_cuda_spreads_dask_workers_and_torchrun_ranks_over_the_gpus(monkeypatch) -> None:
+    """``cuda`` is each process's own GPU: LOCAL_RANK under torchrun, the worker's index on a
+    local Dask cluster (4 workers on 2 GPUs: 0, 1, 0, 1), never all on cuda:0."""
+    from dask.distributed import Client, LocalCluster
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda:0")  # not in a worker
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda:1")
+    monkeypatch.delenv("LOCAL_RANK")
+    with (
+        LocalCluster(n_workers=4, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        placed = {
+            name: client.submit(
+                lambda: str(resolve_device("cuda")), workers=[address], pure=False
+            ).result()
+            for address, name in (
+                (addr, info["name"]) for addr, info in client.scheduler_info()["workers"].items()
+            )
+        }
+    assert placed == {0: "cuda:0", 1: "cuda:1", 2: "cuda:0", 3: "cuda:1"}
 
 
 def test_bf16_sampling_runs_under_autocast_and_stays_close(tmp_path: Path) -> None:
@@ -194,6 +221,58 @@ def test_the_flow_trains_in_two_processes_as_in_one(harness, tmp_path, monkeypat
         weights.append(checkpoint_weights(home, summary))
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_process(tmp_path, monkeypatch) -> None:
+    """Node 0 is the train step, node 1 is `diffpipe train-node` in another process; they meet
+    in torchrun's c10d rendezvous on 127.0.0.1 and end with one process's weights."""
+    from diffusion_core.config import load_config
+    from diffusion_core.pipeline.stages.dataset import prepare_dataset
+    from diffusion_core.pipeline.stages.train import train_model
+    from diffusion_core.pipeline.store import ArtefactStore
+
+    cfg = load_config(config_file(tmp_path / "nodes.yaml"), {"train.nproc": 1})
+    stores = {n: ArtefactStore(str(tmp_path / f"store-{n}")) for n in ("one", "two")}
+    ckpt = {}
+    data = prepare_dataset(cfg.data, stores["one"])
+    ckpt["one"] = train_model(
+        cfg, data, stores["one"], checkpoint_prefix="ckpt", work_dir=tmp_path / "w-one"
+    )
+    assert ckpt["one"].processes == 1
+
+    nodes = {
+        "DIFFPIPE_NNODES": "2",
+        "DIFFPIPE_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "DIFFPIPE_RDZV_ID": "nodes-test",
+    }
+    data = prepare_dataset(cfg.data, stores["two"])
+    other = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "diffpipe.flows.cli", "train-node", "--timeout", "300"),
+            *("--artefact-root", stores["two"].root, "--work-dir", str(tmp_path / "w-node1")),
+        ],
+        env={**os.environ, **nodes, "DIFFPIPE_NODE_RANK": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for key, value in nodes.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DIFFPIPE_NODE_RANK", "0")
+        ckpt["two"] = train_model(
+            cfg, data, stores["two"], checkpoint_prefix="ckpt", work_dir=tmp_path / "w-two"
+        )
+        out, _ = other.communicate(timeout=300)
+    finally:
+        other.kill()
+    assert other.returncode == 0, out[-3000:]
+    assert ckpt["two"].processes == 2 and ckpt["two"].steps_run == 12
+    assert not stores["two"].exists("training/nodes/nodes-test/spec.json")  # removed at the end
+    one, two = (load_file(tmp_path / f"store-{n}" / "ckpt" / "weights.safetensors") for n in ckpt)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
 
 
 def _diffpipe(home: Path, config: Path, *extra: str) -> subprocess.Popen[str]:

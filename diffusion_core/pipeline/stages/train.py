@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,28 +138,58 @@ class TrainSpec:
         path.write_text(json.dumps(asdict(self)))
 
 
-def _launch(cfg: RunConfig, dataset: DatasetRef, store: ArtefactStore, work_dir: Path) -> Path:
-    """Run ``train.nproc`` processes under torchrun, their output streamed into this process's
-    log; the folder of rank 0's ``result.json``, or TrainingError with the failing rank's error."""
+@dataclass(frozen=True)
+class Nodes:
+    """How many machines train together, and where they meet (from the environment the work
+    pool's job template sets: DIFFPIPE_NNODES, DIFFPIPE_NODE_RANK, DIFFPIPE_RDZV_ENDPOINT,
+    DIFFPIPE_RDZV_ID)."""
+
+    count: int = 1
+    rank: int = 0
+    endpoint: str = ""
+    run_id: str = "diffpipe"
+
+    @classmethod
+    def from_env(cls) -> Nodes:
+        env = os.environ
+        nodes = cls(
+            int(env.get("DIFFPIPE_NNODES", "1") or 1),
+            int(env.get("DIFFPIPE_NODE_RANK", "0") or 0),
+            env.get("DIFFPIPE_RDZV_ENDPOINT", ""),
+            env.get("DIFFPIPE_RDZV_ID", "") or "diffpipe",
+        )
+        if nodes.count > 1 and not nodes.endpoint:
+            raise TrainingError("DIFFPIPE_NNODES > 1 needs DIFFPIPE_RDZV_ENDPOINT (host:port)")
+        return nodes
+
+    def torchrun_args(self) -> list[str]:
+        if self.count == 1:
+            return ["--standalone"]
+        return [
+            f"--nnodes={self.count}",
+            f"--node-rank={self.rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+        ]
+
+    @property
+    def spec_key(self) -> str:
+        """Where node 0 leaves the training spec for the other nodes."""
+        return f"training/nodes/{self.run_id}/spec.json"
+
+
+def _torchrun(spec: TrainSpec, nproc: int, nodes: Nodes) -> Path:
+    """Run ``nproc`` processes of this node under torchrun, their output streamed into this
+    process's log; the folder of rank 0's ``result.json``, or TrainingError with the failing
+    rank's error."""
     out = Path(tempfile.mkdtemp(prefix="diffpipe-train-"))
-    spec = TrainSpec(cfg.to_dict(), dataset.to_json(), store.root, str(work_dir), str(out))
+    spec = TrainSpec(**{**asdict(spec), "out_dir": str(out)})
     spec_file = out / "spec.json"
     spec.write(spec_file)
-    nodes = os.environ.get("DIFFPIPE_NNODES", "1")
-    rendezvous = (
-        ["--standalone"]
-        if nodes == "1"
-        else [
-            f"--nnodes={nodes}",
-            f"--node-rank={os.environ.get('DIFFPIPE_NODE_RANK', '0')}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={os.environ['DIFFPIPE_RDZV_ENDPOINT']}",
-            f"--rdzv-id={os.environ.get('DIFFPIPE_RDZV_ID', 'diffpipe')}",
-        ]
-    )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", *rendezvous]
-    command = [*torchrun, f"--nproc-per-node={processes(cfg)}", "-m", __name__, str(spec_file)]
-    log.info("training in %d processes: %s", processes(cfg), " ".join(command))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args()]
+    command = [*torchrun, f"--nproc-per-node={nproc}", "-m", __name__, str(spec_file)]
+    log.info("training in %d processes: %s", nproc, " ".join(command))
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
@@ -170,6 +201,43 @@ def _launch(cfg: RunConfig, dataset: DatasetRef, store: ArtefactStore, work_dir:
         message = errors[0].read_text() if errors else f"torchrun exited with {proc.returncode}"
         raise TrainingError(f"distributed training failed: {message}")
     return out
+
+
+def train_node(store: ArtefactStore, *, work_dir: Path, timeout: float = 3600) -> None:
+    """Another machine of a multi-node training (DIFFPIPE_NODE_RANK > 0): wait for node 0's
+    spec in the store (one written after this node started, so never a finished run's), resume
+    from the store's checkpoint like node 0, and run this node's processes until the training
+    ends."""
+    nodes = Nodes.from_env()
+    if nodes.count < 2 or nodes.rank < 1:
+        raise TrainingError(
+            "train-node is for the other machines of a multi-node training: set "
+            "DIFFPIPE_NNODES >= 2 and DIFFPIPE_NODE_RANK >= 1 (node 0 is the flow's train step)"
+        )
+    started, deadline = time.time(), time.monotonic() + timeout
+    while True:
+        if store.exists(nodes.spec_key):
+            written = store.read_json(nodes.spec_key)
+            if written.get("written_at", 0) >= started - SPEC_GRACE_S:
+                break
+        if time.monotonic() > deadline:
+            raise TrainingError(
+                f"no training spec at {store.url(nodes.spec_key)} after {timeout:.0f} s"
+            )
+        time.sleep(1)
+    spec = TrainSpec(**{**written["spec"], "work_dir": str(work_dir)})
+    cfg = RunConfig.model_validate(spec.config)
+    dataset = DatasetRef.from_json(spec.dataset, dims=cfg.model.dims)
+    restore(
+        store,
+        training_prefix(cfg.training_identity(dataset.sha256)),
+        work_dir_for(cfg, dataset, work_dir),
+    )
+    shutil.rmtree(_torchrun(spec, processes(cfg), nodes), ignore_errors=True)
+
+
+# How much older than a waiting node a spec may be: node 0 may start a little before the others.
+SPEC_GRACE_S = 600.0
 
 
 def train_model(
@@ -184,11 +252,18 @@ def train_model(
     """Train (an interrupted run resumes from the local or the stored checkpoint, a finished one
     runs 0 steps), then commit the final checkpoint under ``checkpoint_prefix`` with this run's
     card."""
-    nproc = processes(cfg)
+    nproc, nodes = processes(cfg), Nodes.from_env()
     prefix = training_prefix(cfg.training_identity(dataset.sha256))
     restore(store, prefix, work_dir_for(cfg, dataset, work_dir))  # before any rank starts
-    if nproc > 1:
-        out = _launch(cfg, dataset, store, work_dir)
+    if nproc > 1 or nodes.count > 1:
+        spec = TrainSpec(cfg.to_dict(), dataset.to_json(), store.root, str(work_dir), "")
+        if nodes.count > 1:  # the other nodes read it (diffpipe train-node)
+            store.write_json(nodes.spec_key, {"spec": asdict(spec), "written_at": time.time()})
+        try:
+            out = _torchrun(spec, nproc, nodes)
+        finally:
+            if nodes.count > 1:
+                store.delete(nodes.spec_key)
         result = json.loads((out / "result.json").read_text())
         checkpoint, card = Path(result["checkpoint"]), ModelCard.from_dict(result["card"])
         steps_run, ips, history = result["steps"], result["images_per_second"], result["history"]
@@ -206,7 +281,8 @@ def train_model(
         store.put_dir(checkpoint_prefix, staged)
     steps = int(history[-1]["step"]) if history else cfg.train.steps
     url = store.url(checkpoint_prefix)
-    return CheckpointRef(checkpoint_prefix, url, steps, steps_run, ips, history, device, nproc)
+    total = nproc * nodes.count
+    return CheckpointRef(checkpoint_prefix, url, steps, steps_run, ips, history, device, total)
 
 
 def main(spec_path: str) -> None:
