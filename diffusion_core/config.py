@@ -8,24 +8,87 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names file, key and allowed values."""
 
 
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types a field annotation admits (bool, int, float, str), through Optional,
+    unions, Annotated and Literal; anything else adds ``object``."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_kinds(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in get_args(annotation)))
+    if origin is Literal:
+        return {type(v) for v in get_args(annotation)}
+    if annotation in (bool, int, float, str, type(None)):
+        return {annotation}
+    return {object}
+
+
 class StrictModel(BaseModel):
-    """A config section: unknown keys are errors; the string under a field is its description
-    (the README's configuration reference is generated from them: ``docs/config_reference.py``)."""
+    """A config section: unknown keys are errors; numbers must be finite; integers and booleans
+    are never coerced (``steps: true``, ``steps: 2.5``, ``steps: "10"`` and ``enabled: 1`` are
+    errors, not 1, 2, 10 and true). The string under a field is its description (the README's
+    configuration reference is generated from them: ``docs/config_reference.py``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None or value is None:
+            return value
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        wanted = (
+            "a boolean (true or false)"
+            if kinds & {bool, int, float} == {bool}
+            else "an integer"
+            if int in kinds and float not in kinds
+            else "a number"
+            if float in kinds
+            else None
+        )
+        if wanted is None or object in kinds:
+            return value
+        if isinstance(value, bool):
+            ok = bool in kinds
+        elif isinstance(value, int):
+            ok = bool(kinds & {int, float})
+        elif isinstance(value, float):
+            ok = float in kinds
+        elif isinstance(value, str):
+            ok = str in kinds
+        else:
+            ok = True  # lists, mappings: the field's own validation names them
+        if not ok:
+            raise ValueError(f"expected {wanted}")
+        return value
+
+
+# Names that become paths, MLflow model names and Prefect artifact keys: nothing that climbs out
+# of a folder, nothing MLflow refuses (``/``, ``:``), never empty.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 DatasetKind = Literal[
     "digits", "folder", "mnist", "fashion_mnist", "cifar10", "shapes", "volumes", "volume_folder"
@@ -142,6 +205,10 @@ class TrainConfig(StrictModel):
     loader_workers: int = Field(0, ge=0)
     """Processes reading the next steps' images ahead of training (0: read in the training
     process); images are read step by step, so a dataset need not fit in memory."""
+    init_from: str = Field("none", pattern=r"^(none|champion|models:/[^/@]+(@[^/@]+|/[0-9]+))$")
+    """Warm start from a registered version's EMA weights: none, champion (this model's
+    champion; from scratch while there is none), models:/NAME@ALIAS or models:/NAME/N. Its model
+    card must match this config's; the version is recorded as the new version's parent."""
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
@@ -273,8 +340,8 @@ class PipelineConfig(StrictModel):
     """Where artefacts live (a path, file:// or s3://); unset: file://$DIFFPIPE_HOME/artefacts."""
     tracking_uri: str | None = None
     """MLflow tracking and registry; unset: MLFLOW_TRACKING_URI or SQLite under DIFFPIPE_HOME."""
-    model_name: str | None = None
-    """Registered model name; unset: the config's name."""
+    model_name: str | None = Field(None, pattern=SAFE_NAME)
+    """Registered model name (the characters name allows); unset: the config's name."""
     num_samples: int = Field(1000, ge=2)
     """Samples drawn for safety filtering and evaluation."""
     shards: int = Field(2, ge=1)
@@ -283,6 +350,30 @@ class PipelineConfig(StrictModel):
     """The inpainting evaluation."""
     watermark: WatermarkConfig = WatermarkConfig()
     """The watermark on published images."""
+    lock_wait_seconds: float = Field(0.0, ge=0.0)
+    """How long a nightly run waits while another run of the same model holds this
+    DIFFPIPE_HOME; then it exits 1 naming that run."""
+
+
+class PromotionConfig(StrictModel):
+    """When a challenger replaces the champion: its FID interval lies entirely below the
+    champion's, and no guarded metric is worse than the champion's beyond its tolerance (unset:
+    that guardrail is off). A metric either side lacks (conditional accuracy of an unconditional
+    model) is not judged."""
+
+    reevaluate_champion: bool = True
+    """When the records differ only in the reference data or the judge (new data), evaluate the
+    champion again on the challenger's terms (same seeds) and decide on those."""
+    precision_drop: float | None = Field(0.02, ge=0.0)
+    """Largest allowed fall in precision."""
+    recall_drop: float | None = Field(0.02, ge=0.0)
+    """Largest allowed fall in recall."""
+    conditional_accuracy_drop: float | None = Field(0.01, ge=0.0)
+    """Largest allowed fall in conditional accuracy (class-conditional models)."""
+    memorisation_rise: float | None = Field(0.005, ge=0.0)
+    """Largest allowed rise in the share of samples the memorisation detector flags."""
+    safety_flag_rise: float | None = Field(0.01, ge=0.0)
+    """Largest allowed rise in the share of samples the safety filter quarantines."""
 
 
 class DetectorConfig(StrictModel):
@@ -411,8 +502,9 @@ class RunConfig(StrictModel):
     """A run: the model card's sections (model, diffusion, text), the data and training, and the
     pipeline's sections (sample, safety, evaluation, pipeline)."""
 
-    name: str = "diffpipe"
-    """The run's name (and the registered model's, unless pipeline.model_name)."""
+    name: str = Field("diffpipe", pattern=SAFE_NAME)
+    """The run's name (and the registered model's, unless pipeline.model_name): letters, digits,
+    '.', '_' and '-', starting with a letter or digit, at most 100 characters."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -421,6 +513,8 @@ class RunConfig(StrictModel):
     pipeline: PipelineConfig = PipelineConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     safety: SafetyConfig = SafetyConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    """When a challenger becomes the champion."""
     text: TextConfig | None = None
     """Text conditioning (unset: class labels or none)."""
     runtime: RuntimeConfig = RuntimeConfig()
@@ -495,18 +589,21 @@ class RunConfig(StrictModel):
         """sha256 of the canonical JSON of the resolved config."""
         return _digest(self.to_dict())
 
-    def training_identity(self, dataset_sha256: str) -> str:
+    def training_identity(self, dataset_sha256: str, init_sha256: str | None = None) -> str:
         """sha256 of what changes the trained weights: the model, diffusion, text and train
-        sections (without the bookkeeping of :data:`TRAIN_BOOKKEEPING`) and the dataset's
-        content. Sampling, safety, evaluation, watermark and sharding never enter it, so
-        changing them never retrains."""
+        sections (without the bookkeeping of :data:`TRAIN_BOOKKEEPING`), the dataset's content,
+        and the starting weights of a warm start (``init_sha256``; ``train.init_from`` itself
+        names a version, not weights). Sampling, safety, evaluation, watermark and sharding
+        never enter it, so changing them never retrains."""
+        train = self.train.model_dump(mode="json", exclude={*TRAIN_BOOKKEEPING, "init_from"})
         return _digest(
             {
                 "model": self.model.model_dump(mode="json"),
                 "diffusion": self.diffusion.model_dump(mode="json"),
                 "text": None if self.text is None else self.text.model_dump(mode="json"),
-                "train": self.train.model_dump(mode="json", exclude=set(TRAIN_BOOKKEEPING)),
+                "train": train,
                 "dataset_sha256": dataset_sha256,
+                **({"init_sha256": init_sha256} if init_sha256 else {}),
             }
         )
 
@@ -543,6 +640,9 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
                 break
             parent = annotation
         return f"unknown key '{key}' (allowed here: {', '.join(sorted(parent.model_fields))})"
+    msg = msg.removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == SAFE_NAME:
+        msg = "a name is letters, digits, '.', '_' and '-', starting with a letter or digit"
     return f"key '{key}': {msg} (got {error.get('input')!r})"
 
 
@@ -558,12 +658,18 @@ def parse_config(data: dict[str, Any], *, source: str = "<config>") -> RunConfig
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """``data`` with dotted-key ``overrides`` (``{"train.steps": 100}``) set."""
+    """``data`` with dotted-key ``overrides`` (``{"train.steps": 100}``) set; a key that goes
+    through a value that is not a mapping (``name.x``) is a ConfigError naming it."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                inside = ".".join(parents[: depth + 1])
+                raise ConfigError(
+                    f"override {dotted}: {inside} is {node!r}, not a section with keys"
+                )
         node[leaf] = value
     return data
 
@@ -578,9 +684,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a config needs at least a name")
     cfg = parse_config(apply_overrides(data, overrides), source=str(path))
     if cfg.text is not None and cfg.text.model.endswith(".json"):
         model = Path(cfg.text.model).expanduser()

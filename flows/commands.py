@@ -30,9 +30,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set expects KEY=VALUE with a dotted KEY, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UsageError(f"--set {key}: {value!r} is not a YAML value ({first})") from None
     return out
 
 
