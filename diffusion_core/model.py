@@ -48,6 +48,19 @@ class CheckpointError(ValueError):
     state; the message names the file."""
 
 
+# The card fields that must agree for one model's weights to start another's training.
+WEIGHT_FIELDS = (
+    "model",
+    "diffusion",
+    "text",
+    "text_encoder",
+    "in_channels",
+    "image_size",
+    "num_classes",
+    "class_names",
+)
+
+
 class ModelCard(StrictModel):
     """What rebuilds the network and how it samples by default."""
 
@@ -72,6 +85,20 @@ class ModelCard(StrictModel):
     def sample_shape(self) -> tuple[int, ...]:
         """One sample: (C, H, W) or (C, D, H, W)."""
         return (self.in_channels, *[self.image_size] * self.dims)
+
+    def differences(self, other: ModelCard) -> list[str]:
+        """What keeps ``other``'s weights from starting this network's training: the fields
+        (``model.base_channels``, ``class_names``, ...) in which the two cards differ, sampling
+        defaults and the training data aside."""
+        mine, theirs = self.model_dump(mode="json"), other.model_dump(mode="json")
+        out = []
+        for key in WEIGHT_FIELDS:
+            a, b = mine.get(key), theirs.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):
+                out += [f"{key}.{k}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+            elif a != b:
+                out.append(key)
+        return out
 
     def with_sampling(self, sampling: SamplingDefaults) -> ModelCard:
         return self.model_copy(update={"sampling": sampling})

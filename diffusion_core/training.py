@@ -55,6 +55,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, an unusable checkpoint)."""
 
 
+@dataclass(frozen=True)
+class InitWeights:
+    """A warm start: the EMA weights of another model (``weights``, a safetensors file, with its
+    ``sha256``) and that model's card; ``source`` names it in messages (``models:/name/3``)."""
+
+    weights: Path
+    card: ModelCard
+    sha256: str
+    source: str
+
+
 # ----------------------------------------------------------------------------------------------
 # Exponential moving average of the weights.
 
@@ -238,6 +249,7 @@ def train(
     progress: bool = True,
     on_log: Callable[[dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    init: InitWeights | None = None,
 ) -> TrainResult:
     """Train (or resume) ``cfg`` on ``dataset``; checkpoints go under ``out_dir/checkpoints``.
 
@@ -246,7 +258,9 @@ def train(
     safety, evaluation and pipeline settings never enter it. ``max_steps`` stops at that global
     step (the run can be resumed later up to ``train.steps``). ``device`` defaults to
     ``runtime.device``; under ``torchrun`` the ranks join a process group, which is left at the
-    end. ``on_checkpoint(path)`` runs on rank 0 after every checkpoint is written.
+    end. ``on_checkpoint(path)`` runs on rank 0 after every checkpoint is written. ``init``
+    starts the weights (and the EMA) from another model's EMA weights; its card must describe
+    the same network and classes, and its weights enter the training identity.
     """
     # Long function: the one training loop, read top to bottom in commented blocks (as EDM's).
     tc = cfg.train
@@ -269,9 +283,19 @@ def train(
 
     # Build the network, optimizer and state.
     card = model_card(cfg, dataset, text_record)
-    identity = cfg.training_identity(card.dataset_sha256)
+    identity = cfg.training_identity(card.dataset_sha256, init.sha256 if init else None)
     torch.manual_seed(tc.seed)
-    net = card.build().to(device)
+    net = card.build()
+    if init is not None:  # warm start: the EMA below starts from these weights too
+        differ = card.differences(init.card)
+        if differ:
+            raise TrainingError(
+                f"train.init_from: {init.source} is another network; its model card differs in "
+                f"{', '.join(differ)}"
+            )
+        net.load_state_dict(read_weights(init.weights))
+        log.info("starting from the weights of %s", init.source)
+    net = net.to(device)
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))

@@ -18,6 +18,7 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from diffusion_core import data as data_sources
 from diffusion_core.config import (
     DataConfig,
     EvaluationConfig,
@@ -28,7 +29,7 @@ from diffusion_core.config import (
     WatermarkConfig,
 )
 from diffusion_core.pipeline.errors import ArtefactNotFoundError, IntegrityError, StorageError
-from diffusion_core.pipeline.layout import CACHE_PREFIX, dataset_prefix
+from diffusion_core.pipeline.layout import CACHE_PREFIX
 from diffusion_core.pipeline.stages import (
     dataset,
     evaluate,
@@ -85,17 +86,23 @@ io_retries: dict[str, Any] = {
     cache_expiration=timedelta(days=7),
     **io_retries,
 )
-def prepare_dataset(data: DataConfig, artefact_root: str) -> dataset.DatasetRef:
-    return dataset.prepare_dataset(data, ArtefactStore(artefact_root))
+def prepare_dataset(data: DataConfig, artefact_root: str, fingerprint: str) -> dataset.DatasetRef:
+    return dataset.prepare_dataset(data, ArtefactStore(artefact_root), fingerprint)
+
+
+@task(name="fingerprint-source", cache_policy=NO_CACHE, **io_retries)
+def source_fingerprint(data: DataConfig) -> str:
+    """What the data source holds now (one listing): part of the prepare step's cache key."""
+    return data_sources.source_fingerprint(data)
 
 
 @task(name="cache-storage", cache_policy=NO_CACHE, **io_retries)
-def cache_storage(artefact_root: str, data: DataConfig) -> tuple[Any, bool]:
+def cache_storage(artefact_root: str, data: DataConfig, fingerprint: str) -> tuple[Any, bool]:
     """Where cached task results live: beside the artefacts, so every host that shares the
     store shares the cache (a local folder, or a saved ``RemoteFileSystem`` block for object
     storage); and whether the dataset a cache entry would point to is still committed."""
     store = ArtefactStore(artefact_root)
-    committed = store.exists_dir(dataset_prefix(data.model_dump(mode="json")))
+    committed = store.exists_dir(dataset.stored_prefix(data, fingerprint))
     if store.local:
         return store.local_path(CACHE_PREFIX), committed
     from prefect.filesystems import RemoteFileSystem
@@ -108,12 +115,14 @@ def cache_storage(artefact_root: str, data: DataConfig) -> tuple[Any, bool]:
 
 def prepare_dataset_cached(data: DataConfig, artefact_root: str) -> tuple[dataset.DatasetRef, bool]:
     """prepare_dataset with its cache on the artefact store; the dataset and whether it came from
-    the cache. A cached result is reused only while its dataset is still committed in the store
-    (an entry outliving a deleted or unreachable dataset is refreshed)."""
-    storage, committed = cache_storage(artefact_root, data)
+    the cache. The cache key holds the source's fingerprint, so new, changed or deleted files
+    are prepared again. A cached result is reused only while its dataset is still committed in
+    the store (an entry outliving a deleted or unreachable dataset is refreshed)."""
+    fingerprint = source_fingerprint(data)
+    storage, committed = cache_storage(artefact_root, data, fingerprint)
     # The cache records live with the results (one file a key) in the shared storage.
     shared = prepare_dataset.with_options(result_storage=storage, refresh_cache=not committed)
-    state = shared(data, artefact_root, return_state=True)
+    state = shared(data, artefact_root, fingerprint, return_state=True)
     return state.result(), state.name == "Cached"
 
 

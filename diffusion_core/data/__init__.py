@@ -18,10 +18,18 @@ from diffusion_core.data.sources import (
     load_fashion_mnist,
     load_folder,
     load_mnist,
+    source_fingerprint,
 )
 from diffusion_core.data.volumes import synthetic_volumes, volume_folder
 
-__all__ = ["DATASETS", "DatasetError", "ImageDataset", "load_dataset", "split_dataset"]
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "ImageDataset",
+    "load_dataset",
+    "source_fingerprint",
+    "split_dataset",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ torchvision's MNIST, FashionMNIST and CIFAR-10 from a local root."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -197,6 +198,34 @@ def report_skips(url: str, skipped: list[str]) -> None:
         return
     named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
     logger.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), named)
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """What the data's source holds now, cheaply: the sha256 of one recursive listing of
+    ``cfg.root`` (any fsspec URL: relative names, sizes, and modification times or ETags), so
+    adding, changing or deleting a file changes it and the same contents keep it. Built-in
+    sources (no root) are fixed: ``builtin:<kind>``. A missing root is a DatasetError."""
+    if not cfg.root:
+        return f"builtin:{cfg.kind}"
+    url = str(cfg.root)
+    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, None))
+    root = root.rstrip("/") or root
+    try:
+        if not fs.isdir(root):
+            kind = "not a folder" if fs.exists(root) else "not found"
+            raise DatasetError(f"{url}: data.root {kind}")
+        entries = fs.find(root, detail=True, withdirs=False)
+    except OSError as exc:
+        raise DatasetError(f"{url}: cannot list data.root: {exc}") from exc
+    digest = hashlib.sha256()
+    for path, info in sorted(entries.items()):
+        stamp = next(
+            (info[k] for k in ("ETag", "etag", "mtime", "LastModified") if info.get(k) is not None),
+            None,
+        )
+        rel = posixpath.relpath(path, root)
+        digest.update(json.dumps([rel, info.get("size"), str(stamp)]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def list_folder(

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_core.config import VOLUME_KINDS, DataConfig
-from diffusion_core.data import ImageDataset, load_dataset, split_dataset
+from diffusion_core.data import ImageDataset, load_dataset, source_fingerprint, split_dataset
 from diffusion_core.data.sharded import ShardedDataset
 from diffusion_core.evaluation.judge import (
     TrainedClassifier,
@@ -69,9 +69,19 @@ def _write_split(ds: ImageDataset, out: Path, name: str) -> None:
         save_file(tensors, out / f"{name}-{i:05d}.safetensors")
 
 
-def prepare_dataset(cfg: DataConfig, store: ArtefactStore) -> DatasetRef:
-    """Load, split and store the dataset once per data config; later calls reuse it."""
-    prefix = dataset_prefix(cfg.model_dump(mode="json"))
+def stored_prefix(cfg: DataConfig, fingerprint: str) -> str:
+    """Where the dataset of ``cfg`` built from a source with ``fingerprint`` is stored."""
+    return dataset_prefix(cfg.model_dump(mode="json") | {"source_fingerprint": fingerprint})
+
+
+def prepare_dataset(
+    cfg: DataConfig, store: ArtefactStore, fingerprint: str | None = None
+) -> DatasetRef:
+    """Load, split and store the dataset once per data config and source contents
+    (``fingerprint``, from ``source_fingerprint`` when not given); later calls reuse it. New,
+    changed or deleted files in the source give a new dataset."""
+    fingerprint = fingerprint or source_fingerprint(cfg)
+    prefix = stored_prefix(cfg, fingerprint)
     if store.exists_dir(prefix):
         return DatasetRef.from_meta(store.read_json(f"{prefix}/meta.json"), reused=True)
     ds = load_dataset(cfg)
@@ -96,6 +106,7 @@ def prepare_dataset(cfg: DataConfig, store: ArtefactStore) -> DatasetRef:
             "ref": json.loads(ref.to_json()),
             "source": ds.source,
             "config": cfg.model_dump(mode="json"),
+            "source_fingerprint": fingerprint,
             "captions": {"train": train_set.captions, "holdout": holdout.captions},
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2))

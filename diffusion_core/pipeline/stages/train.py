@@ -8,8 +8,11 @@ Training resumes from the local copy, or, when there is none (a new host, a wipe
 store's newest. The finished checkpoint is committed under the run's ``checkpoint`` prefix with
 this run's model card (its sampling defaults are this config's).
 
+A warm start (``Parent``) names a stored checkpoint whose EMA weights start the training; their
+sha256 enters the training identity, so a warm-started training never resumes a cold one.
+
 ``python -m diffusion_core.pipeline.stages.train SPEC.json`` is what each ``torchrun`` process
-runs: the spec names the config, the dataset, the store and the work directory.
+runs: the spec names the config, the dataset, the store, the work directory and the parent.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from diffusion_core.config import RunConfig
 from diffusion_core.distributed import rank_and_world, resolve_device
 from diffusion_core.model import CARD_FILE, LATEST, ModelCard
 from diffusion_core.pipeline.layout import training_prefix
+from diffusion_core.pipeline.lock import hold
 from diffusion_core.pipeline.stages.dataset import DatasetRef, open_split
 from diffusion_core.pipeline.store import ArtefactStore
-from diffusion_core.training import TrainingError, TrainResult, train
+from diffusion_core.training import InitWeights, TrainingError, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,45 @@ class CheckpointRef:
     processes: int = 1
 
 
-def work_dir_for(cfg: RunConfig, dataset: DatasetRef, work_dir: Path) -> Path:
+@dataclass(frozen=True)
+class Parent:
+    """A warm start: the checkpoint at ``prefix`` in the run's store (its ``ema.safetensors``,
+    of ``sha256``, and its card), registered as ``model_uri``."""
+
+    model_uri: str
+    prefix: str
+    sha256: str
+
+
+def identity(cfg: RunConfig, dataset: DatasetRef, parent: Parent | None) -> str:
+    """The training identity of ``cfg`` on ``dataset`` from ``parent``'s weights (or none)."""
+    return cfg.training_identity(dataset.sha256, parent.sha256 if parent else None)
+
+
+def work_dir_for(
+    cfg: RunConfig, dataset: DatasetRef, work_dir: Path, parent: Parent | None = None
+) -> Path:
     """The local training directory of ``cfg`` on ``dataset``: keyed by what changes the trained
     weights, so changing sampling, safety, evaluation or sharding resumes the same training."""
-    return work_dir / f"train-{cfg.training_identity(dataset.sha256)[:16]}"
+    return work_dir / f"train-{identity(cfg, dataset, parent)[:16]}"
+
+
+def parent_weights(store: ArtefactStore, parent: Parent, local: Path) -> InitWeights:
+    """The parent's EMA weights and card, fetched into ``local/init`` (verified by sha256)."""
+    folder = local / "init"
+    files = store.read_manifest(parent.prefix)["files"]
+    for name in ("ema.safetensors", CARD_FILE):
+        entry = files[name]
+        store.get_file(
+            f"{parent.prefix}/{name}", folder / name, sha256=entry["sha256"], size=entry["size"]
+        )
+    if files["ema.safetensors"]["sha256"] != parent.sha256:
+        raise TrainingError(
+            f"{store.url(parent.prefix)}: its EMA weights changed since {parent.model_uri} was "
+            "chosen to start from"
+        )
+    card = ModelCard.read(folder / CARD_FILE)
+    return InitWeights(folder / "ema.safetensors", card, parent.sha256, parent.model_uri)
 
 
 def processes(cfg: RunConfig) -> int:
@@ -107,13 +146,19 @@ def committer(store: ArtefactStore, prefix: str, keep: int) -> Any:
 
 
 def run_training(
-    cfg: RunConfig, dataset: DatasetRef, store: ArtefactStore, work_dir: Path, *, progress: bool
+    cfg: RunConfig,
+    dataset: DatasetRef,
+    store: ArtefactStore,
+    work_dir: Path,
+    *,
+    progress: bool,
+    parent: Parent | None = None,
 ) -> TrainResult:
     """Train in this process (one rank of a torchrun, or alone) from the local checkpoint, if
-    any; rank 0 commits every checkpoint to the store; every rank reads only its part of each
-    batch."""
-    local = work_dir_for(cfg, dataset, work_dir)
-    prefix = training_prefix(cfg.training_identity(dataset.sha256))
+    any, else from ``parent``'s weights or from scratch; rank 0 commits every checkpoint to the
+    store; every rank reads only its part of each batch."""
+    local = work_dir_for(cfg, dataset, work_dir, parent)
+    prefix = training_prefix(identity(cfg, dataset, parent))
     train_set = open_split(store, dataset, "train", work_dir / "data")
     return train(
         cfg,
@@ -121,6 +166,7 @@ def run_training(
         local,
         progress=progress,
         on_checkpoint=committer(store, prefix, cfg.train.keep_checkpoints),
+        init=None if parent is None else parent_weights(store, parent, local),
     )
 
 
@@ -133,6 +179,10 @@ class TrainSpec:
     artefact_root: str
     work_dir: str
     out_dir: str  # where rank 0 writes result.json, and every rank its error
+    parent: dict[str, str] | None = None  # asdict(Parent) of a warm start
+
+    def parent_ref(self) -> Parent | None:
+        return None if self.parent is None else Parent(**self.parent)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -228,10 +278,11 @@ def train_node(store: ArtefactStore, *, work_dir: Path, timeout: float = 3600) -
     spec = TrainSpec(**{**written["spec"], "work_dir": str(work_dir)})
     cfg = RunConfig.model_validate(spec.config)
     dataset = DatasetRef.from_json(spec.dataset, dims=cfg.model.dims)
+    parent = spec.parent_ref()
     restore(
         store,
-        training_prefix(cfg.training_identity(dataset.sha256)),
-        work_dir_for(cfg, dataset, work_dir),
+        training_prefix(identity(cfg, dataset, parent)),
+        work_dir_for(cfg, dataset, work_dir, parent),
     )
     shutil.rmtree(_torchrun(spec, processes(cfg), nodes), ignore_errors=True)
 
@@ -248,15 +299,38 @@ def train_model(
     checkpoint_prefix: str,
     work_dir: Path,
     progress: bool = False,
+    parent: Parent | None = None,
 ) -> CheckpointRef:
     """Train (an interrupted run resumes from the local or the stored checkpoint, a finished one
-    runs 0 steps), then commit the final checkpoint under ``checkpoint_prefix`` with this run's
-    card."""
+    runs 0 steps; a new one starts from ``parent``'s weights when given), then commit the final
+    checkpoint under ``checkpoint_prefix`` with this run's card."""
+    local = work_dir_for(cfg, dataset, work_dir, parent)
+    # Two live runs never train into one directory (the lock goes when this process does).
+    with hold(local.with_name(local.name + ".lock"), what=f"training directory {local}", owner={}):
+        return _train_model(cfg, dataset, store, checkpoint_prefix, work_dir, progress, parent)
+
+
+def _train_model(
+    cfg: RunConfig,
+    dataset: DatasetRef,
+    store: ArtefactStore,
+    checkpoint_prefix: str,
+    work_dir: Path,
+    progress: bool,
+    parent: Parent | None,
+) -> CheckpointRef:
     nproc, nodes = processes(cfg), Nodes.from_env()
-    prefix = training_prefix(cfg.training_identity(dataset.sha256))
-    restore(store, prefix, work_dir_for(cfg, dataset, work_dir))  # before any rank starts
+    prefix = training_prefix(identity(cfg, dataset, parent))
+    restore(store, prefix, work_dir_for(cfg, dataset, work_dir, parent))  # before any rank starts
     if nproc > 1 or nodes.count > 1:
-        spec = TrainSpec(cfg.to_dict(), dataset.to_json(), store.root, str(work_dir), "")
+        spec = TrainSpec(
+            cfg.to_dict(),
+            dataset.to_json(),
+            store.root,
+            str(work_dir),
+            "",
+            None if parent is None else asdict(parent),
+        )
         if nodes.count > 1:  # the other nodes read it (diffpipe train-node)
             store.write_json(nodes.spec_key, {"spec": asdict(spec), "written_at": time.time()})
         try:
@@ -270,7 +344,7 @@ def train_model(
         device = result["device"]
         shutil.rmtree(out, ignore_errors=True)
     else:
-        done = run_training(cfg, dataset, store, work_dir, progress=progress)
+        done = run_training(cfg, dataset, store, work_dir, progress=progress, parent=parent)
         checkpoint, card, steps_run = done.checkpoint, done.card, done.steps
         ips, history = done.images_per_second, done.history
         device = str(resolve_device(cfg.runtime.device))
@@ -295,7 +369,9 @@ def main(spec_path: str) -> None:
         cfg = RunConfig.model_validate(spec.config)
         dataset = DatasetRef.from_json(spec.dataset, dims=cfg.model.dims)
         store = ArtefactStore(spec.artefact_root)
-        done = run_training(cfg, dataset, store, Path(spec.work_dir), progress=False)
+        done = run_training(
+            cfg, dataset, store, Path(spec.work_dir), progress=False, parent=spec.parent_ref()
+        )
         if rank_and_world()[0] == 0:
             result = {
                 "checkpoint": str(done.checkpoint),
