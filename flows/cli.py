@@ -173,6 +173,11 @@ def _add_pipeline_commands(sub: Any) -> None:
         "--pool-type", default="process", help="type of a pool to create: process, docker, ..."
     )
     p.add_argument("--job-template", help="base job template (JSON) of a pool to create")
+    p.add_argument(
+        "--automations",
+        help="automations to register (default: the packaged deployments/automations.yaml; "
+        "none: no automations)",
+    )
     p.set_defaults(func=runs.deploy)
 
     p = sub.add_parser(

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,18 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
-from diffusion_core.config import EvaluationConfig, RunConfig, RuntimeConfig, diffpipe_home
+from diffusion_core.config import (
+    SAMPLING_KNOBS,
+    EvaluationConfig,
+    RunConfig,
+    RuntimeConfig,
+    diffpipe_home,
+)
+from diffusion_core.evaluation.promotion import reevaluable
 from diffusion_core.model import ModelCard
 from diffusion_core.pipeline.errors import RunFailed
 from diffusion_core.pipeline.layout import RunLayout
+from diffusion_core.pipeline.lock import hold
 from diffusion_core.pipeline.stages.dataset import DatasetRef
 from diffusion_core.pipeline.stages.evaluate import Evaluation
 from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
@@ -43,6 +51,7 @@ from diffusion_core.pipeline.store import ArtefactStore, default_root
 from diffusion_core.sampling import SampleRequest
 
 REGISTERED_EVENT = "diffpipe.model.registered"
+REJECTED_EVENT = "diffpipe.model.rejected"
 
 
 class _InRun(logging.Filter):
@@ -141,13 +150,19 @@ class RunLifecycle:
         }
 
 
-def emit_registered(model: tracking.ModelRef, target: Target, run_id: str) -> None:
-    """Tell automations a version was registered (payload: name, version, model_uri)."""
+def emit_registered(
+    model: tracking.ModelRef, target: Target, run_id: str, *, evaluates: bool
+) -> None:
+    """Tell automations a version was registered (payload: name, version, model_uri). The
+    resource label ``diffpipe.evaluation`` says who evaluates it: ``in-flow`` when this flow
+    goes on to evaluate it, ``requested`` when it does not; the evaluate deployment's trigger
+    matches only ``requested``, so no version is evaluated twice."""
     emit_event(
         event=REGISTERED_EVENT,
         resource={
             "prefect.resource.id": f"diffpipe.model.{model.name}.{model.version}",
             "prefect.resource.name": model.name,
+            "diffpipe.evaluation": "in-flow" if evaluates else "requested",
         },
         payload={
             "name": model.name,
@@ -158,6 +173,43 @@ def emit_registered(model: tracking.ModelRef, target: Target, run_id: str) -> No
             "run_id": run_id,
         },
     )
+
+
+def emit_rejected(model: tracking.ModelRef, target: Target, decision: dict[str, Any]) -> None:
+    """Tell automations a challenger was not promoted over the champion, and why (the reason
+    and every rule's verdict): ``deployments/automations.yaml`` reacts to it."""
+    emit_event(
+        event=REJECTED_EVENT,
+        resource={
+            "prefect.resource.id": f"diffpipe.model.{model.name}.{model.version}",
+            "prefect.resource.name": model.name,
+        },
+        payload={
+            "name": model.name,
+            "version": model.version,
+            "model_uri": model.uri,
+            "champion": decision["previous_champion"],
+            "reason": decision["reason"],
+            "failed_rules": [r["rule"] for r in decision.get("rules", []) if r["passed"] is False],
+            "tracking_uri": target.tracking_uri,
+        },
+    )
+
+
+@contextlib.contextmanager
+def model_lock(name: str, wait: float) -> Iterator[None]:
+    """One nightly run of model ``name`` at a time on this DIFFPIPE_HOME (LockHeld names the
+    run that holds it, after ``wait`` seconds)."""
+    home = diffpipe_home()
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context is not None else None
+    owner = {
+        "run": flow_run.name if flow_run else None,
+        "flow_run_id": str(flow_run.id) if flow_run else None,
+    }
+    lock = home / "locks" / f"{name}.lock"
+    with hold(lock, what=f"model {name!r} on {home}", owner=owner, wait=wait):
+        yield
 
 
 @dataclass(frozen=True)
@@ -197,6 +249,50 @@ def sample_all(
     return [f.result() for f in futures]
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A checkpoint's samples, drawn, filtered, marked and evaluated."""
+
+    shards: list[ShardRef]
+    safety: SafetyRef
+    mark: Any  # WatermarkRef when the watermark is on
+    evaluation: Evaluation
+
+
+def judge(
+    cfg: RunConfig,
+    run: RunLifecycle,
+    checkpoint_prefix: str,
+    data: DatasetRef,
+    request: SampleRequest,
+    layout: RunLayout,
+    model: tuple[str, str],
+    step: str = "",
+) -> Judged:
+    """Sample ``checkpoint_prefix`` (sharded, on the task runner), filter, watermark with
+    ``model`` (name, version) and evaluate: the steps named ``<step>sample`` ... ."""
+    root, pc = run.target.artefact_root, cfg.pipeline
+    with run.step(f"{step}sample"):
+        runner = task_runner(cfg.runtime.task_runner)
+        shards = sample_all.with_options(task_runner=runner)(
+            root, checkpoint_prefix, request, layout.samples, pc.shards, cfg.runtime
+        )
+    with run.step(f"{step}safety_filter"):
+        safety = steps.safety_filter(root, shards, data, layout.safety, cfg.safety, cfg.runtime)
+    mark = None
+    if pc.watermark.enabled:  # only the published images, before anything reads them
+        with run.step(f"{step}watermark"):
+            mark = steps.watermark_published(
+                root, safety, *model, run.run_id, layout.published, pc.watermark
+            )
+        safety = mark.safety  # evaluation and the report read the marked images
+    with run.step(f"{step}evaluate"):
+        evaluation = steps.evaluate_samples(
+            root, safety, data, shards, request.seed, layout.metrics, cfg.evaluation, cfg.runtime
+        )
+    return Judged(shards, safety, mark, evaluation)
+
+
 def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[str, Any]:
     """Sample, filter, evaluate, compare and report one registered version with ``cfg``'s
     sample, safety, evaluation and pipeline sections (the model's own card for the rest)."""
@@ -209,24 +305,10 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
     )
     model, data = subject.model, subject.dataset
     request = SampleRequest.from_config(cfg.sample, num_samples=pc.num_samples)
-    with run.step("sample"):
-        runner = task_runner(cfg.runtime.task_runner)
-        shards = sample_all.with_options(task_runner=runner)(
-            root, subject.checkpoint_prefix, request, layout.samples, pc.shards, cfg.runtime
-        )
-    with run.step("safety_filter"):
-        safety = steps.safety_filter(root, shards, data, layout.safety, cfg.safety, cfg.runtime)
-    mark = None
-    if pc.watermark.enabled:  # only the published images, before anything reads them
-        with run.step("watermark"):
-            mark = steps.watermark_published(
-                root, safety, model.name, model.version, run.run_id, layout.published, pc.watermark
-            )
-        safety = mark.safety  # evaluation and the report read the marked images
-    with run.step("evaluate"):
-        evaluation = steps.evaluate_samples(
-            root, safety, data, shards, request.seed, layout.metrics, cfg.evaluation, cfg.runtime
-        )
+    mine = judge(
+        cfg, run, subject.checkpoint_prefix, data, request, layout, (model.name, model.version)
+    )
+    shards, safety, mark, evaluation = mine.shards, mine.safety, mine.mark, mine.evaluation
     inpainting = None
     if pc.inpainting.enabled:
         with run.step("inpaint_evaluate"):
@@ -251,9 +333,32 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
                 layout.sweep,
                 cfg.runtime,
             )
+            if sweep.match is not None:  # the cheapest match becomes the version's default
+                registry.set_sampling(uri, model, sweep_default(subject.card, request, sweep.match))
+    # The champion, drawn with this version's knobs and seeds (and evaluated again on new data).
+    current = registry.champion(uri, model.name)
+    rival = None if current is None or current.version == model.version else current
+    same_terms = request.model_copy(update=shards[0].knobs.model_dump())
+    champion_evaluation, side_by_side = None, None
+    if rival is not None:
+        with run.step("champion_checkpoint"):
+            rival_prefix = registry.checkpoint_in_store(uri, model.name, rival.version, root)
+        if cfg.promotion.reevaluate_champion and reevaluable(asdict(evaluation), rival):
+            champion_evaluation = judge(
+                cfg, run, rival_prefix, data, same_terms, layout.champion,
+                (model.name, rival.version), step="champion_",
+            ).evaluation  # fmt: skip
+        with run.step("side_by_side"):
+            side_by_side = steps.side_by_side(
+                root, subject.checkpoint_prefix, rival_prefix, same_terms, layout.champion.root
+            )
     with run.step("compare"):
-        decision = registry.compare_promote(uri, model, evaluation)
+        decision = registry.compare_promote(
+            uri, model, evaluation, cfg.promotion, champion_evaluation
+        )
         comparison = registry.comparison_rows(uri, model.name)
+    if not decision["promoted"] and rival is not None:
+        emit_rejected(model, run.target, decision)
     with run.step("report"):
         report_url = steps.make_report(
             root,
@@ -273,10 +378,18 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
                 inpainting_prefix=None if inpainting is None else inpainting.prefix,
                 notes=[sweep.note] if sweep else [],
                 sweep=sweep.rows if sweep else [],
+                side_by_side=side_by_side,
+                champion_version=None if rival is None else rival.version,
             ),
         )
     with run.step("log"):
         log_evaluation(run, model, evaluation, safety, inpainting, decision, report_url)
+        if champion_evaluation is not None:
+            registry.log_metrics(
+                uri,
+                run.run_id,
+                {f"champion/{k}": v for k, v in champion_evaluation.metrics.items()},
+            )
         aliases = registry.version_aliases(uri, model.name, model.version)
     return {
         "model": {"name": model.name, "version": model.version, "aliases": aliases},
@@ -291,10 +404,19 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
             "evaluate": evaluation.record["device"],
         },
         "promotion": decision,
+        "champion_evaluation": None if champion_evaluation is None else champion_evaluation.metrics,
         "inpainting": [] if inpainting is None else inpainting.rows,
         **({"watermark": mark.summary()} if mark is not None else {}),
         **({"sweep": sweep_summary(root, sweep)} if sweep else {}),
     }
+
+
+def sweep_default(card: ModelCard, request: SampleRequest, match: dict[str, Any]) -> Any:
+    """The sampling a sweep's cheapest match stands for: the request's knobs (the card's where
+    it sets none) with the match's sampler and steps."""
+    return request.knobs(card).model_copy(
+        update={k: match[k] for k in SAMPLING_KNOBS if match.get(k) is not None}
+    )
 
 
 def log_evaluation(
@@ -335,8 +457,15 @@ def nightly(
     evaluation deployment does it) sample, filter, evaluate, compare and report. ``config`` is a
     parsed config, a config file or the name of a packaged config (``quickstart``)."""
     cfg = resolve_config(config, overrides)
-    target = Target.for_config(cfg)
     name = cfg.pipeline.model_name or cfg.name
+    with model_lock(name, cfg.pipeline.lock_wait_seconds):
+        summary = _nightly(cfg, name, evaluate)
+    get_run_logger().info("report: %s", summary.get("report_uri", "(not evaluated)"))
+    return summary
+
+
+def _nightly(cfg: RunConfig, name: str, evaluate: bool) -> dict[str, Any]:
+    target = Target.for_config(cfg)
     params, tags = (
         cfg.to_dict(),
         {
@@ -352,10 +481,17 @@ def nightly(
         root, uri = target.artefact_root, target.tracking_uri
         with run.step("prepare_dataset"):
             data, cached = steps.prepare_dataset_cached(cfg.data, root)
+        parent = None
+        if cfg.train.init_from != "none":
+            with run.step("warm_start"):
+                parent = registry.warm_start(uri, cfg.train.init_from, name, root)
         with run.step("train"):
-            ckpt = steps.train_model(cfg, data, root, run.layout.checkpoint, target.work_dir)
+            ckpt = steps.train_model(
+                cfg, data, root, run.layout.checkpoint, target.work_dir, parent
+            )
             registry.log_history(uri, run.run_id, ckpt.history)
         with run.step("register"):
+            lineage = {tracking.PARENT_TAG: parent.model_uri} if parent else {}
             model = registry.register(
                 ckpt,
                 root,
@@ -370,24 +506,30 @@ def nightly(
                     "diffpipe.checkpoint_prefix": ckpt.prefix,
                     "diffpipe.artefact_root": root,
                     "diffpipe.dataset": data.to_json(),
+                    **lineage,
                 },
             )
             card = registry.read_card(root, ckpt.prefix)
-        emit_registered(model, target, run.run_id)
+        emit_registered(model, target, run.run_id, evaluates=evaluate)
         summary: dict[str, Any] = {
             "run_id": run.run_id,
             "model": {"name": model.name, "version": model.version, "aliases": model.aliases},
             "checkpoint_url": ckpt.url,
             "training": {"steps": ckpt.steps, "steps_run": ckpt.steps_run},
+            "parent": parent.model_uri if parent else None,
             "devices": {"train": ckpt.device, "train_processes": ckpt.processes},
-            "dataset": {"url": data.url, "sha256": data.sha256, "cached": cached},
+            "dataset": {
+                "url": data.url,
+                "sha256": data.sha256,
+                "cached": cached,
+                "skipped": data.skipped,
+            },
         }
         if evaluate:
             subject = Subject(model, ckpt.prefix, data, card, ckpt.history)
             chain = evaluate_chain(cfg, run, subject)
             summary |= chain | {"devices": summary["devices"] | chain["devices"]}
         summary |= run.timings()
-    get_run_logger().info("report: %s", summary.get("report_uri", "(not evaluated)"))
     return summary
 
 

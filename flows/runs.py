@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,6 +184,8 @@ def deploy(args: argparse.Namespace) -> int:
     prefect_file = Path(args.prefect_file or packaged_deployments() / "prefect.yaml")
     if not prefect_file.is_file():
         raise UsageError(f"--prefect-file {prefect_file}: no such file")
+    if args.automations not in (None, "none") and not Path(args.automations).is_file():
+        raise UsageError(f"--automations {args.automations}: no such file")
     data = with_pool(prefect_file, args.pool)
     if ensure_pool(args.pool, kind=args.pool_type, job_template=args.job_template):
         print(f"created work pool {args.pool!r} ({args.pool_type})")
@@ -203,8 +206,59 @@ def deploy(args: argparse.Namespace) -> int:
     if result.returncode != 0:
         print("diffpipe: prefect deploy failed", file=sys.stderr)
         return EXIT_FAILED
+    if args.automations != "none":
+        automations = Path(args.automations or packaged_deployments() / "automations.yaml")
+        for name in register_automations(automations):
+            print(f"automation {name!r} registered")
     print(f"deployments registered; start a worker: prefect worker start --pool {args.pool}")
     return 0
+
+
+PLACEHOLDER = re.compile(r"\{\{\s*(deployment|block):([^}\s]+)\s*\}\}")
+
+
+def register_automations(path: Path) -> list[str]:
+    """Create the automations of ``path`` (replacing those of the same name), with each
+    ``{{ deployment:FLOW/NAME }}`` and ``{{ block:TYPE/NAME }}`` replaced by that object's id;
+    their names. Each automation is checked with Prefect's model before anything is created."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+
+        def resolve(match: re.Match[str]) -> str:
+            kind, name = match.group(1), match.group(2)
+            try:
+                if kind == "deployment":
+                    return str(client.read_deployment_by_name(name).id)
+                block_type, _, block = name.partition("/")
+                found = client.read_block_document_by_name(name=block, block_type_slug=block_type)
+                return str(found.id)
+            except ObjectNotFound:
+                raise UsageError(f"{path}: no {kind} {name!r} on the Prefect server") from None
+
+        def fill(value: Any) -> Any:
+            if isinstance(value, str):
+                return PLACEHOLDER.sub(resolve, value)
+            if isinstance(value, list):
+                return [fill(v) for v in value]
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            return value
+
+        try:
+            data = fill(yaml.safe_load(path.read_text()))
+            automations = [AutomationCore.model_validate(a) for a in data["automations"]]
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            raise UsageError(f"{path}: not a list of automations ({exc})") from None
+        for automation in automations:
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            client.create_automation(automation)
+    return [a.name for a in automations]
 
 
 def packaged_deployments() -> Path:

@@ -13,10 +13,11 @@ from diffpipe.tasks.steps import io_retries
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from diffusion_core.evaluation.promotion import decide
+from diffusion_core.config import PromotionConfig
+from diffusion_core.evaluation.promotion import Champion, decide
 from diffusion_core.model import CARD_FILE, ModelCard
 from diffusion_core.pipeline.stages.evaluate import Evaluation
-from diffusion_core.pipeline.stages.train import CheckpointRef
+from diffusion_core.pipeline.stages.train import CheckpointRef, Parent
 from diffusion_core.pipeline.store import ArtefactStore
 
 tracked: dict[str, Any] = {"cache_policy": NO_CACHE, **io_retries}
@@ -90,19 +91,61 @@ def training_history(uri: str, run_id: str) -> list[dict[str, float]]:
     return tracking.training_history(uri, run_id)
 
 
+@task(name="champion", task_run_name="champion-{name}", **tracked)
+def champion(uri: str, name: str) -> Champion | None:
+    """The current champion of ``name`` and its evaluation (None: there is none)."""
+    return tracking.champion(uri, name)
+
+
+@task(name="warm-start", task_run_name="warm-start-{model_name}", **tracked)
+def warm_start(uri: str, init_from: str, model_name: str, artefact_root: str) -> Parent | None:
+    """The version ``train.init_from`` names, as a checkpoint in ``artefact_root`` to start
+    from (None: ``champion`` while there is none)."""
+    return tracking.warm_start_parent(uri, init_from, model_name, artefact_root)
+
+
+@task(name="champion-checkpoint", **tracked)
+def checkpoint_in_store(uri: str, name: str, version: str, artefact_root: str) -> str:
+    """The checkpoint prefix of ``name`` version ``version`` in ``artefact_root`` (copied there
+    when it lives in another store)."""
+    return tracking.checkpoint_in_store(uri, name, version, artefact_root).prefix
+
+
+@task(name="set-sampling", task_run_name="set-sampling-{model.name}-v{model.version}", **tracked)
+def set_sampling(uri: str, model: tracking.ModelRef, sampling: Any) -> None:
+    """Make ``sampling`` (the sweep's cheapest match) the version's default sampling."""
+    tracking.set_sampling(uri, model, sampling.model_dump(mode="json"))
+
+
 @task(name="compare-promote", task_run_name="compare-{model.name}-v{model.version}", **tracked)
-def compare_promote(uri: str, model: tracking.ModelRef, evaluation: Evaluation) -> dict[str, Any]:
-    """Record the evaluation on the version; promote it to champion when it wins."""
+def compare_promote(
+    uri: str,
+    model: tracking.ModelRef,
+    evaluation: Evaluation,
+    rules: PromotionConfig,
+    champion_evaluation: Evaluation | None = None,
+) -> dict[str, Any]:
+    """Record the evaluation on the version; promote it to champion when it wins under
+    ``rules``. ``champion_evaluation`` is the champion evaluated again on this evaluation's terms
+    (new data): it replaces the champion's recorded one (kept as its previous evaluation), and
+    the decision is taken on it."""
     current = tracking.champion(uri, model.name)
     tracking.set_evaluation(uri, model, asdict(evaluation))
-    decision = decide(asdict(evaluation), current)
+    if current is not None and champion_evaluation is not None:
+        tracking.replace_evaluation(uri, model.name, current.version, asdict(champion_evaluation))
+        current = Champion(current.version, asdict(champion_evaluation))
+    decision = decide(asdict(evaluation), current, rules)
     if decision.promote:
         tracking.set_champion(uri, model.name, model.version)
-    return {
+    out = {
         "promoted": decision.promote,
         "reason": decision.reason,
         "previous_champion": None if current is None else current.version,
+        "champion_reevaluated": champion_evaluation is not None,
+        "rules": decision.rules(),
     }
+    tracking.set_decision(uri, model, out)
+    return out
 
 
 @task(name="comparison", task_run_name="comparison-{name}", **tracked)

@@ -133,6 +133,7 @@ def train_model(
     artefact_root: str,
     checkpoint_prefix: str,
     work_dir: str,
+    parent: train.Parent | None = None,
 ) -> train.CheckpointRef:
     return train.train_model(
         config,
@@ -140,6 +141,7 @@ def train_model(
         ArtefactStore(artefact_root),
         checkpoint_prefix=checkpoint_prefix,
         work_dir=Path(work_dir),
+        parent=parent,
     )
 
 
@@ -180,6 +182,24 @@ def safety_filter(
         out_prefix=out_prefix,
         safety=config,
         runtime=runtime,
+    )
+
+
+@task(name="side-by-side", cache_policy=NO_CACHE, **io_retries)
+def side_by_side(
+    artefact_root: str,
+    challenger_prefix: str,
+    champion_prefix: str,
+    request: SampleRequest,
+    out_prefix: str,
+) -> str:
+    """A few samples of the challenger and the champion, same seeds and labels, for the report."""
+    return sample.side_by_side(
+        ArtefactStore(artefact_root),
+        challenger_prefix,
+        champion_prefix,
+        request,
+        out_prefix=f"{out_prefix}/side_by_side",
     )
 
 
@@ -226,6 +246,7 @@ def evaluate_samples(
         out_key=out_key,
         evaluation=config,
         runtime=runtime,
+        safety_rates=published.rates(),
     )
 
 

@@ -27,6 +27,7 @@ from diffusion_core import __version__
 from diffusion_core.config import diffpipe_home
 from diffusion_core.evaluation.promotion import Champion, decide
 from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE
+from diffusion_core.pipeline.stages.train import Parent
 from diffusion_core.pipeline.store import ArtefactStore
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,7 @@ def comparison_table(uri: str, name: str) -> pd.DataFrame:
     for v in versions:
         evaluation = evaluations[str(v.version)]
         decision, reason = _decision(str(v.version), evaluation, champion)
+        recorded = get_decision(dict(v.tags))  # what the version's own evaluation decided
         run = runs.loc[v.run_id] if v.run_id in runs.index else pd.Series(dtype=object)
         rows.append(
             {
@@ -302,6 +304,9 @@ def comparison_table(uri: str, name: str) -> pd.DataFrame:
                 "aliases": ",".join(sorted(aliases.get(str(v.version), []))),
                 "decision": decision,
                 "reason": reason,
+                "decided": None if recorded is None else recorded["reason"],
+                "guardrails": None if recorded is None else guardrail_text(recorded),
+                "parent": v.tags.get(PARENT_TAG),
                 "created": pd.Timestamp(v.creation_timestamp, unit="ms"),
                 "run_id": v.run_id,
                 "run_name": run.get("tags.mlflow.runName"),
@@ -326,6 +331,9 @@ COMPARISON_COLUMNS = [
     "run_name",
     "run_status",
     "train_steps",
+    "decided",
+    "guardrails",
+    "parent",
 ]
 
 # Report columns: comparison-table column -> heading in the run report.
@@ -337,8 +345,13 @@ REPORT_COLUMNS = {
     "metrics.fid_high": "FID high",
     "metrics.fid_floor_half": "FID floor",
     "metrics.conditional_accuracy": "cond. accuracy",
+    "metrics.precision": "precision",
+    "metrics.recall": "recall",
+    "metrics.memorisation_flag_rate": "memorisation",
+    "metrics.safety_flag_rate": "quarantined",
     "decision": "decision",
     "reason": "reason",
+    "guardrails": "guardrails",
 }
 
 
@@ -421,3 +434,95 @@ def training_history(uri: str, run_id: str) -> list[dict[str, float]]:
     c = client(uri)
     losses = c.get_metric_history(run_id, "train/loss")
     return [{"step": float(m.step), "loss": m.value} for m in sorted(losses, key=lambda m: m.step)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The nightly loop: warm starts, champions evaluated again, decisions kept on the version.
+
+PARENT_TAG = "diffpipe.parent"
+DECISION_TAG = "diffpipe.decision"
+PREVIOUS_EVALUATION_TAG = "diffpipe.evaluation.previous"
+SAMPLING_TAG = "diffpipe.sampling"
+
+
+def set_sampling(uri: str, model: ModelRef, sampling: dict[str, Any]) -> None:
+    """The version's default sampling (``diffpipe sample --model`` and ``load_registered`` use
+    it instead of the card's)."""
+    client(uri).set_model_version_tag(
+        model.name, model.version, SAMPLING_TAG, json.dumps(sampling, sort_keys=True)
+    )
+
+
+def get_sampling(tags: dict[str, str]) -> dict[str, Any] | None:
+    return json.loads(tags[SAMPLING_TAG]) if SAMPLING_TAG in tags else None
+
+
+def checkpoint_in_store(uri: str, name: str, version: str, artefact_root: str) -> Parent:
+    """The checkpoint of ``name`` version ``version`` as a ``Parent`` in ``artefact_root``: its
+    own prefix when it lives there, else a copy under ``parents/<sha256>``."""
+    v = registered_version(uri, f"models:/{name}/{version}")
+    root, prefix = v.tags.get("diffpipe.artefact_root"), v.tags.get("diffpipe.checkpoint_prefix")
+    if not root or not prefix:
+        raise ValueError(f"{v.uri}: not registered by diffpipe (no checkpoint tags)")
+    source, here = ArtefactStore(root), ArtefactStore(artefact_root)
+    sha = source.read_manifest(prefix)["files"]["ema.safetensors"]["sha256"]
+    if source.root != here.root:
+        copy = f"parents/{sha[:16]}"
+        if not here.exists_dir(copy):
+            with temp_dir() as tmp:
+                source.get_dir(prefix, tmp)
+                here.put_dir(copy, tmp)
+        prefix = copy
+    return Parent(v.uri, prefix, sha)
+
+
+def warm_start_parent(
+    uri: str, init_from: str, model_name: str, artefact_root: str
+) -> Parent | None:
+    """``train.init_from`` resolved: ``champion`` is ``models:/<model_name>@champion`` (None
+    while there is none: the night trains from scratch); ``models:/...`` must exist."""
+    model_uri = f"models:/{model_name}@{CHAMPION}" if init_from == "champion" else init_from
+    try:
+        v = registered_version(uri, model_uri)
+    except ValueError:
+        if init_from == "champion":
+            log.info(
+                "train.init_from: champion, but %s has none yet: training from scratch", model_name
+            )
+            return None
+        raise ValueError(f"train.init_from: {init_from}: no such registered version") from None
+    return checkpoint_in_store(uri, v.name, v.version, artefact_root)
+
+
+def replace_evaluation(uri: str, name: str, version: str, evaluation: dict[str, Any]) -> None:
+    """Give a version a new evaluation (its champion re-evaluated on new data), keeping the one
+    it had as ``diffpipe.evaluation.previous``."""
+    c = client(uri)
+    tags = c.get_model_version(name, version).tags
+    if EVALUATION_TAG in tags:
+        c.set_model_version_tag(name, version, PREVIOUS_EVALUATION_TAG, tags[EVALUATION_TAG])
+    c.set_model_version_tag(name, version, EVALUATION_TAG, json.dumps(evaluation, sort_keys=True))
+
+
+def set_decision(uri: str, model: ModelRef, decision: dict[str, Any]) -> None:
+    """Keep the promotion decision (reason, every rule's verdict) on the version."""
+    client(uri).set_model_version_tag(
+        model.name, model.version, DECISION_TAG, json.dumps(decision, sort_keys=True)
+    )
+
+
+def get_decision(tags: dict[str, str]) -> dict[str, Any] | None:
+    return json.loads(tags[DECISION_TAG]) if DECISION_TAG in tags else None
+
+
+def guardrail_text(decision: dict[str, Any]) -> str:
+    """The guardrails of a recorded decision in a few words: the failed ones, or all passed."""
+    rules = [r for r in decision.get("rules", []) if r["rule"] != "fid"]
+    if not rules:
+        return ""
+    failed = [r for r in rules if r["passed"] is False]
+    if not failed:
+        return "all passed"
+    return "; ".join(
+        f"{r['rule']} {r['challenger']:.3g} vs {r['champion']:.3g} ({r['limit']})" for r in failed
+    )

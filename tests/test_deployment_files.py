@@ -90,3 +90,28 @@ def test_deploy_names_bad_input_before_it_touches_the_server(tmp_path, monkeypat
     assert main(["deploy", "--job-template", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert "--job-template" in err and "missing.json: not a JSON file" in err
+
+
+def test_the_rejection_automation_parses_and_names_what_it_needs() -> None:
+    from diffpipe.flows.runs import PLACEHOLDER
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = (DEPLOYMENTS / "automations.yaml").read_text()
+    data = yaml.safe_load(text)
+    needed = set()
+
+    def fill(value):
+        if isinstance(value, str):
+            needed.update(m.group(0) for m in PLACEHOLDER.finditer(value))
+            return PLACEHOLDER.sub("00000000-0000-0000-0000-000000000001", value)
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    (automation,) = [AutomationCore.model_validate(a) for a in fill(data)["automations"]]
+    assert automation.trigger.expect == {"diffpipe.model.rejected"}
+    (action,) = automation.actions
+    assert action.type == "run-deployment" and action.parameters["model_name"].startswith("{{")
+    assert needed == {"{{ deployment:compare/compare }}"}  # the commented block is not read

@@ -4,6 +4,7 @@ registration's event starts the evaluation deployment, which a process worker ru
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,7 @@ def check_deployments_and_trigger(env, home, tmp_path):
     assert nightly.global_concurrency_limit.limit == 1  # one nightly run at a time
     assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     assert deployments["evaluate"].entrypoint == "diffpipe.flows.pipeline:evaluate_model"
+    assert "automation 'diffpipe-model-rejected' registered" in deploy.stdout
 
     # A worker for the process pool, then a training run that registers a model.
     worker_log = open(home / "worker.log", "w")  # noqa: SIM115 - lives as long as the worker
@@ -192,8 +194,12 @@ def check_deployments_and_trigger(env, home, tmp_path):
     try:
         from diffpipe.flows.pipeline import nightly as nightly_flow
 
+        # Version 1 is evaluated by the flow that registers it: its event asks for nothing.
+        first = nightly_flow(config=str(config), evaluate=True)
+        assert first["model"]["version"] == "1" and first["promotion"]["promoted"]
+        # Version 2 (the same weights: the training is complete) asks for an evaluation.
         summary = nightly_flow(config=str(config), evaluate=False)
-        assert summary["model"]["version"] == "1"
+        assert summary["model"]["version"] == "2" and summary["training"]["steps_run"] == 0
 
         # The registration event starts the evaluate deployment; the worker runs it through.
         evaluate_id = deployments["evaluate"].id
@@ -201,12 +207,23 @@ def check_deployments_and_trigger(env, home, tmp_path):
         def finished():
             runs = asyncio.run(_flow_runs(evaluate_id))
             done = [r for r in runs if r.state and r.state.is_final()]
-            return done[0] if done else None
+            return runs if done else None
 
-        run = wait_for(finished, timeout=420, what="the triggered evaluation", interval=3)
+        runs = wait_for(finished, timeout=420, what="the triggered evaluation", interval=3)
         log = (home / "worker.log").read_text()[-3000:]
+        (run,) = runs  # version 1 was never evaluated twice
         assert run.state.is_completed(), f"{run.state}\n{log}"
-        assert run.parameters["model_uri"] == "models:/triggered/1"
+        assert run.parameters["model_uri"] == "models:/triggered/2"
+
+        # Version 2 ties with the champion and is rejected; the automation runs `compare`.
+        compare_id = deployments["compare"].id
+        compared = wait_for(
+            lambda: asyncio.run(_flow_runs(compare_id)),
+            timeout=120,
+            what="the comparison started by the rejection",
+            interval=2,
+        )
+        assert compared[0].parameters["model_name"] == "triggered"
     finally:
         worker.terminate()
         worker.wait(timeout=30)
@@ -214,6 +231,9 @@ def check_deployments_and_trigger(env, home, tmp_path):
 
     import mlflow
 
-    version = mlflow.MlflowClient().get_model_version("triggered", "1")
-    assert "diffpipe.evaluation" in version.tags  # the evaluation recorded its metrics
-    assert "champion" in version.aliases
+    client = mlflow.MlflowClient()
+    one, two = (client.get_model_version("triggered", v) for v in ("1", "2"))
+    assert "champion" in one.aliases and "champion" not in two.aliases
+    assert "diffpipe.evaluation" in two.tags  # the triggered evaluation recorded its metrics
+    decision = json.loads(two.tags["diffpipe.decision"])
+    assert not decision["promoted"] and decision["previous_champion"] == "1"

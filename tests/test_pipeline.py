@@ -34,12 +34,23 @@ def write_config(path: Path, **pipeline: object) -> Path:
 
 
 async def _task_runs(flow_run_id):
+    """The task runs of a flow run and of the flows it ran (the sharded sample step)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
 
     async with get_client() as client:
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+        ids = [flow_run_id, *(c.id for c in children)]
         return await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
         )
 
 

@@ -124,3 +124,9 @@ class RunLayout:
     @property
     def report(self) -> str:
         return f"{self.root}/report"
+
+    @property
+    def champion(self) -> RunLayout:
+        """Where the champion's samples and evaluation go when this run evaluates it again
+        (on new data) or draws it beside the challenger."""
+        return RunLayout(f"{self.root}/champion")

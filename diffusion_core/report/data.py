@@ -22,6 +22,8 @@ FIGURE_FILES = (
     "schedules.png",
     "noise_progression.png",
     "inpainting.png",
+    "side_by_side.png",
+    "metric_trend.png",
 )
 
 METRIC_NAMES = {
@@ -71,6 +73,9 @@ class ReportData:
     promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
     # More sample figures: (file name, uint8 (N, C, H, W) images, labels or None, caption).
     figures: list[tuple[str, Tensor, Tensor | None, str]] = field(default_factory=list)
+    # Challenger and champion drawn with the same seeds and labels: (challenger, champion, labels).
+    side_by_side: tuple[Tensor, Tensor, Tensor | None] | None = None
+    champion_version: str | None = None
 
 
 # ------------------------------------------------------------------------------- formatting

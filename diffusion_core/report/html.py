@@ -115,6 +115,7 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         sections.samples_section(report, img_dir),
         sections.figures_section(report, img_dir),
         sections.comparison_section(report),
+        sections.champion_section(report, img_dir),
         sections.safety_section(report),
         sections.sweep_section(report, img_dir),
         sections.training_section(report, img_dir),

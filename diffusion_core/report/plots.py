@@ -433,3 +433,91 @@ def plot_metric_vs_cost(
         ax.set_title(title or f"{metric.upper()} against {_label(cost).split(' (')[0]}")
         ax.legend(title="sampler", loc="best")
     return Path(path)
+
+
+# ------------------------------------------------------------------- champion and challenger
+
+
+def plot_side_by_side(
+    path: str | Path,
+    left: Tensor,
+    right: Tensor,
+    *,
+    titles: tuple[str, str],
+    scale: int = 4,
+) -> Path:
+    """Two sets of images drawn with the same seeds and labels, as two grids side by side
+    (image i of one set beside image i of the other, at the same place)."""
+    _check_images(left)
+    _check_images(right)
+    if left.shape != right.shape:
+        raise ValueError(
+            f"the two sets differ in shape: {tuple(left.shape)} vs {tuple(right.shape)}"
+        )
+    per_row = max(1, min(10, math.ceil(math.sqrt(len(left)))))
+    grids = [_display_grid(images, per_row, scale) for images in (left, right)]
+    height, width = grids[0].shape[:2]
+    with _figure(path, (2 * width / DPI + 0.6, height / DPI + 0.6)) as fig:
+        for ax, grid, title in zip(fig.subplots(1, 2), grids, titles, strict=True):
+            ax.imshow(grid, interpolation="nearest")
+            ax.set_title(title)
+            ax.set_axis_off()
+    return Path(path)
+
+
+def _display_grid(images: Tensor, per_row: int, scale: int) -> np.ndarray:
+    """uint8 (N, C, H, W) as one (H', W', 3) array, ``per_row`` images a row, each upscaled."""
+    n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    rows = -(-n // per_row)
+    pad = 2
+    canvas = np.full(
+        (rows * (h * scale + pad) + pad, per_row * (w * scale + pad) + pad, 3), 255, np.uint8
+    )
+    for i in range(n):
+        tile = _to_display(images[i]).repeat(scale, 0).repeat(scale, 1)
+        r, k = divmod(i, per_row)
+        y, x = pad + r * (h * scale + pad), pad + k * (w * scale + pad)
+        canvas[y : y + h * scale, x : x + w * scale] = tile
+    return canvas
+
+
+def plot_metric_trend(
+    path: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[tuple[str, str]],
+    *,
+    highlight: Sequence[str] = (),
+) -> Path:
+    """Each metric (``(column, label)``) across the registered versions of ``rows`` (a
+    ``version`` column), one small panel a metric; versions in ``highlight`` are marked."""
+    shown = [
+        (column, label)
+        for column, label in metrics
+        if any(is_finite(row.get(column)) for row in rows)
+    ]
+    if not shown:
+        raise ValueError("no metric with a finite value in any row")
+    with _figure(path, (3.2 * len(shown), 2.8)) as fig:
+        axes = np.atleast_1d(fig.subplots(1, len(shown)))
+        for i, (ax, (column, label)) in enumerate(zip(axes, shown, strict=True)):
+            points = [
+                (int(row["version"]), float(row[column]))
+                for row in rows
+                if is_finite(row.get(column))
+            ]
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(xs, ys, color=_color(i), marker="o", markersize=4, linewidth=1.6)
+            for x, y in points:
+                if str(x) in highlight:
+                    ax.plot([x], [y], marker="o", markersize=9, fillstyle="none", color="#222222")
+            ax.set_xticks(xs)
+            ax.set_xlabel("version")
+            ax.set_title(label)
+    return Path(path)
+
+
+def is_finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -6,6 +6,7 @@ what the numbers may be compared with."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,12 @@ def evaluate_samples(
     out_key: str,
     evaluation: EvaluationConfig,
     runtime: RuntimeConfig = DEFAULT_RUNTIME,
+    safety_rates: Mapping[str, float] | None = None,
 ) -> Evaluation:
     """Every number of one evaluation of the published samples (drawn with ``knobs`` at ``nfe``
     network evaluations from ``seed``), committed as ``out_key``. Features are extracted on
-    ``runtime.device``."""
+    ``runtime.device``. ``safety_rates`` (``SafetyRef.rates``) join the metrics, for the
+    promotion guardrails."""
     ec = evaluation
     device = resolve_device(runtime.device)
     published = read_published(store, safety_prefix)
@@ -109,6 +112,7 @@ def evaluate_samples(
         metrics["conditional_accuracy"] = judge.accuracy(images, labels)
         metrics["accuracy_gap"] = judge.holdout_accuracy - metrics["conditional_accuracy"]
     metrics |= modality(dataset.dims).extra_metrics(images, labels, holdout, judge)
+    metrics |= dict(safety_rates or {})
     seeds = published["seeds"][:n]
     record = {
         **evaluation_reference(extractor, ec, dataset, len(holdout)),

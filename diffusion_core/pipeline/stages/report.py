@@ -12,6 +12,7 @@ from diffusion_core.pipeline.modality import modality
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
 from diffusion_core.pipeline.stages.inpaint import read_inpainting
 from diffusion_core.pipeline.stages.safety import SafetyRef, read_published
+from diffusion_core.pipeline.stages.sample import SIDE_BY_SIDE_FILE, read_tensors
 from diffusion_core.pipeline.store import ArtefactStore
 from diffusion_core.report.html import ReportData, write_report
 
@@ -33,6 +34,8 @@ class ReportInputs:
     inpainting_prefix: str | None = None  # an evaluate_inpainting output, when it ran
     promotion: dict[str, Any] = field(default_factory=dict)  # promoted, reason, previous_champion
     sweep: list[dict[str, Any]] = field(default_factory=list)
+    side_by_side: str | None = None  # a sample.side_by_side output: challenger and champion
+    champion_version: str | None = None
 
 
 def _safety_summary(safety: SafetyRef) -> dict[str, Any]:
@@ -82,6 +85,14 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
     )
     if inputs.inpainting_prefix is not None:
         data.inpainting, data.inpainting_examples = read_inpainting(store, inputs.inpainting_prefix)
+    if inputs.side_by_side is not None:
+        pair = read_tensors(store, inputs.side_by_side, SIDE_BY_SIDE_FILE)
+        data.side_by_side = (
+            kind.report_samples(pair["challenger"]),
+            kind.report_samples(pair["champion"]),
+            pair.get("labels"),
+        )
+        data.champion_version = inputs.champion_version
     with tempfile.TemporaryDirectory() as tmp:
         write_report(Path(tmp), data)
         store.put_dir(inputs.out_prefix, tmp)

@@ -33,6 +33,15 @@ class SafetyRef:
     failures: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where the network detectors ran
 
+    def rates(self) -> dict[str, float]:
+        """The shares the promotion guardrails watch: every quarantined sample
+        (``safety_flag_rate``), and the memorisation detector's flags when it ran."""
+        total = self.published + self.quarantined
+        out = {"safety_flag_rate": self.quarantined / total if total else 0.0}
+        if "memorisation" in self.flag_rates:
+            out["memorisation_flag_rate"] = float(self.flag_rates["memorisation"])
+        return out
+
 
 def safety_filter(
     store: ArtefactStore,

@@ -98,6 +98,41 @@ def sample_shard(
     return ShardRef(prefix, len(samples.images), seconds, samples.nfe, knobs, str(device), worker)
 
 
+SIDE_BY_SIDE_FILE = "side_by_side.safetensors"
+
+
+def side_by_side(
+    store: ArtefactStore,
+    challenger_prefix: str,
+    champion_prefix: str,
+    request: SampleRequest,
+    *,
+    out_prefix: str,
+    count: int = 20,
+    runtime: RuntimeConfig = DEFAULT_RUNTIME,
+) -> str:
+    """``count`` samples of the challenger and of the champion with the same seeds, labels and
+    knobs (``request``'s first ``count``), committed as one file under ``out_prefix`` for the
+    report; its prefix."""
+    device = resolve_device(runtime.device)
+    dtype = inference_dtype(device, runtime.precision)
+    part = request.model_copy(update={"num_samples": min(count, request.count())})
+    if request.labels is not None and len(request.labels) > 1:
+        part = part.model_copy(update={"labels": request.labels[: part.num_samples]})
+    tensors: dict[str, Tensor] = {}
+    for who, prefix in (("challenger", challenger_prefix), ("champion", champion_prefix)):
+        net, card = fetch_model(store, prefix, device)
+        samples = generate(net, card, part, dtype=dtype)
+        tensors[who] = samples.images
+        if samples.labels is not None:
+            tensors["labels"] = samples.labels
+        tensors["seeds"] = samples.seeds
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, Path(tmp) / SIDE_BY_SIDE_FILE)
+        store.put_dir(out_prefix, tmp)
+    return out_prefix
+
+
 def read_tensors(store: ArtefactStore, prefix: str, name: str) -> dict[str, Tensor]:
     """The safetensors file ``name`` of the committed directory ``prefix``."""
     with tempfile.TemporaryDirectory() as tmp:
