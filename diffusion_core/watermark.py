@@ -39,6 +39,7 @@ logged; its id is a one-way fingerprint that tells which key marked an image.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 import io
@@ -152,14 +153,9 @@ def _read_key_file(path: Path) -> WatermarkKey:
 
 
 def crc16(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
+    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection (the standard
+    library's ``binascii.crc_hqx`` started at 0xFFFF)."""
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 def model_tag(name: str) -> int:

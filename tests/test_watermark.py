@@ -72,6 +72,23 @@ def test_crc16_check_value():
     assert wm.crc16(b"123456789") == 0x29B1
 
 
+def _crc16_bitwise(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE from its definition, one bit at a time."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = (((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
+
+
+def test_crc16_matches_its_definition_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, *rng.integers(3, 64, size=200).tolist()]:
+        data = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+        assert wm.crc16(data) == _crc16_bitwise(data), data.hex()
+
+
 def test_payload_round_trip_and_every_one_or_two_bit_error_is_detected():
     payload = wm.Payload(0xBEEF, 65535)
     bits = payload.to_bits()
