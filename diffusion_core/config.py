@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from diffusion_core.settings import settings
 
 
 class ConfigError(ValueError):
@@ -480,7 +481,7 @@ def _digest(obj: Any) -> str:
 
 def diffpipe_home() -> Path:
     """``$DIFFPIPE_HOME`` as an absolute path; ``./.diffpipe`` when unset or empty."""
-    return Path(os.path.expanduser(os.environ.get("DIFFPIPE_HOME") or ".diffpipe")).absolute()
+    return settings().diffpipe_home.expanduser().absolute()
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:

@@ -3,10 +3,10 @@ to run on."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
+
+from diffusion_core.settings import settings
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -18,7 +18,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def init_distributed(device: torch.device) -> bool:
     """Join the process group when launched by ``torchrun``; True when distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if settings().world_size <= 1 or dist.is_initialized():
         return dist.is_initialized()
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return True
@@ -28,6 +28,5 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
+        return torch.device("cuda", settings().local_rank)
     return torch.device("cpu")

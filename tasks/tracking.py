@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from diffusion_core.config import diffpipe_home
 from diffusion_core.evaluation.promotion import Champion, decide
 from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE
 from diffusion_core.pipeline.store import ArtefactStore
+from diffusion_core.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,7 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 
 def tracking_uri(configured: str | None = None) -> str:
     return (
-        configured
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{diffpipe_home() / 'mlflow.db'}"
+        configured or settings().mlflow_tracking_uri or f"sqlite:///{diffpipe_home() / 'mlflow.db'}"
     )
 
 
