@@ -63,17 +63,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-_MKSTEMP_TRIES = 5
+_MKSTEMP_TRIES = 20
 
 
 def _mkstemp(path: Path, staging: Path) -> str:
     """A new empty file in ``staging`` for ``path``; retried when another writer removed the
-    (then empty) staging folder between its creation and ours."""
+    (then empty) staging folder while we were creating it or our file in it (``mkdir`` raises
+    FileExistsError when the folder it found is gone by the time it checks)."""
     for attempt in range(_MKSTEMP_TRIES):
-        staging.mkdir(parents=True, exist_ok=True)
         try:
+            staging.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=staging)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             if attempt == _MKSTEMP_TRIES - 1:
                 raise
             continue

@@ -352,6 +352,9 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
     before = store.read_manifest("runs/r1/safety")["files"]
 
     cfg = WatermarkConfig(enabled=True, key_env="STAGE_WM_KEY")
+    commits: list[str] = []  # the marked images go up as one directory, in one batched put_dir
+    put_dir = store.put_dir
+    monkeypatch.setattr(store, "put_dir", lambda p, d: commits.append(p) or put_dir(p, d))
     with caplog.at_level(logging.DEBUG):
         ref = watermark_published(
             store,
@@ -366,6 +369,8 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
     assert (ref.marked, ref.key_id, ref.model_version) == (10, key.key_id, "7")
     assert ref.psnr_min is not None and ref.psnr_min > 30
     assert ref.safety == dataclasses.replace(safety, prefix="runs/r1/published")
+    assert commits == ["runs/r1/published"]
+    assert len(store.read_manifest("runs/r1/published")["files"]) == 10 + 2  # + tensors, record
 
     # What reads the published set next gets the marked images, labels and seeds kept.
     published = read_published(store, ref.safety.prefix)

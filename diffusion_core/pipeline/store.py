@@ -13,10 +13,11 @@ Atomicity: no reader ever sees half an artefact.
   only on ``CompleteMultipartUpload``, so readers see the old object or the whole new one.
   A temporary key plus server-side copy would add a second full write and a window in which
   a crashed writer leaves orphaned temporary objects, without any stronger guarantee.
-* **Directories** (checkpoints, sample shard sets, reports) are committed by writing
-  ``manifest.json`` *last*: ``{"files": {"rel/path": {"sha256": ..., "size": ...}},
-  "created": <ISO time>}``. A directory without its manifest does not exist for readers
-  (:meth:`ArtefactStore.exists_dir` is False, :meth:`ArtefactStore.get_dir` raises).
+* **Directories** (checkpoints, sample shard sets, reports), whose files move ``concurrency``
+  at a time, are committed by writing ``manifest.json`` *last*: ``{"files": {"rel/path":
+  {"sha256": ..., "size": ...}}, "created": <ISO time>}``. A directory without its manifest
+  does not exist for readers (:meth:`ArtefactStore.exists_dir` is False,
+  :meth:`ArtefactStore.get_dir` raises).
   Rewriting a committed directory first removes its manifest, so readers never mix versions.
 
 ``.tmp`` entries (in-flight or left by a crashed writer) are never returned by
@@ -45,6 +46,7 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ import fsspec
 
 from diffusion_core.config import diffpipe_home
 from diffusion_core.io import atomic_path, sha256_bytes, sha256_file
+from diffusion_core.pipeline.batch import run_all
 from diffusion_core.pipeline.errors import (
     ArtefactNotFoundError,
     IntegrityError,
@@ -61,6 +64,7 @@ from diffusion_core.pipeline.errors import (
 )
 from diffusion_core.pipeline.layout import MANIFEST, TMP_DIR, check_key, check_rel, is_tmp
 from diffusion_core.pipeline.s3 import s3_storage_options
+from diffusion_core.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +97,20 @@ class ArtefactStore:
     """Artefacts under one root URL (local folder or ``s3://bucket/prefix``).
 
     ``storage_options`` go to the fsspec filesystem (for S3 see :func:`s3_storage_options`).
-    Keys are ``/``-separated paths relative to the root.
+    Keys are ``/``-separated paths relative to the root. ``concurrency``: the most files a
+    directory transfer moves at once (unset: ``DIFFPIPE_STORE_CONCURRENCY``; 1: one by one).
     """
 
-    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int | None = None,
+    ) -> None:
         if not root:
             raise ValueError("artefact store root is empty")
+        self.concurrency = settings().store_concurrency if concurrency is None else concurrency
         protocol, path = fsspec.core.split_protocol(root)
         protocol = protocol or "file"
         if protocol in _LOCAL_PROTOCOLS:
@@ -253,8 +265,9 @@ class ArtefactStore:
     def put_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Store every file under ``local_dir`` below ``prefix``, then commit the directory by
-        writing its manifest last. Returns the files' records, sorted by relative path.
+        """Store every file under ``local_dir`` below ``prefix`` (``concurrency`` at a time; a
+        failure stops the rest), then commit the directory by writing its manifest last. Returns
+        the files' records, sorted by relative path.
 
         An existing directory at ``prefix`` is uncommitted (manifest removed) first; after the
         commit, files of the old manifest that are not in the new one are removed. Other keys
@@ -287,7 +300,8 @@ class ArtefactStore:
             old_files = set()
         # readers stop seeing an old version before any of its files change
         self._remove_file(manifest_key, "put_dir")
-        records = [self.put_file(f"{prefix}/{rel}", source / rel) for rel in rels]
+        puts = [partial(self.put_file, f"{prefix}/{rel}", source / rel) for rel in rels]
+        records = run_all(puts, concurrency=self.concurrency)
         manifest = {
             "files": {
                 rel: {"sha256": rec.sha256, "size": rec.size}
@@ -400,20 +414,20 @@ class ArtefactStore:
     def get_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Download every file in the manifest of ``prefix`` into ``local_dir``, verifying
-        each sha256 and size. Raises ArtefactNotFoundError when ``prefix`` was never committed,
-        IntegrityError when a file differs from its manifest entry."""
+        """Download every file in the manifest of ``prefix`` into ``local_dir`` (``concurrency``
+        at a time), verifying each sha256 and size. Raises ArtefactNotFoundError when ``prefix``
+        was never committed, IntegrityError when a file differs from its manifest entry."""
         prefix = check_key(prefix)
         manifest = self.read_manifest(prefix, operation="get_dir")
         target = Path(local_dir)
         target.mkdir(parents=True, exist_ok=True)
-        records = []
-        for rel, entry in sorted(manifest["files"].items()):
-            records.append(
-                self.get_file(
-                    f"{prefix}/{rel}", target / rel, sha256=entry["sha256"], size=entry["size"]
-                )
+        gets = [
+            partial(
+                self.get_file, f"{prefix}/{rel}", target / rel, sha256=e["sha256"], size=e["size"]
             )
+            for rel, e in sorted(manifest["files"].items())
+        ]
+        records = run_all(gets, concurrency=self.concurrency)
         logger.debug("fetched %s (%d files) into %s", self.url(prefix), len(records), target)
         return records
 
