@@ -145,8 +145,9 @@ def main() -> None:
                 (f"s3 +{args.latency_ms:g} ms", f"s3://{BUCKET}/slow", {"endpoint_url": slow}),
                 ("local disk", str(Path(tmp, "local")), None),
             ):
+                store = ArtefactStore(root, storage_options=options)
                 for concurrency in args.concurrency:
-                    store = ArtefactStore(root, storage_options=options, concurrency=concurrency)
+                    os.environ["DIFFPIPE_STORE_CONCURRENCY"] = str(concurrency)  # read per call
                     rates = measure(store, source, args.files, args.repeats)
                     rows.append({"target": target, "concurrency": concurrency, **rates})
                     print(

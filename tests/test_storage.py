@@ -432,10 +432,10 @@ def test_batched_dir_round_trip_is_bounded(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Many files per call, never more than ``concurrency`` at once; the same directory as one
-    file at a time would give."""
+    """Many files per call, never more than ``DIFFPIPE_STORE_CONCURRENCY`` at once (read when a
+    directory moves); the same directory as one file at a time would give."""
     store = backend[0]
-    store.concurrency = concurrency
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", str(concurrency))
     puts, gets = InFlight(store.put_file), InFlight(store.get_file)
     monkeypatch.setattr(store, "put_file", puts)
     monkeypatch.setattr(store, "get_file", gets)
@@ -452,17 +452,11 @@ def test_batched_dir_round_trip_is_bounded(
         assert 1 < puts.most <= concurrency and 1 < gets.most <= concurrency
 
 
-def test_concurrency_comes_from_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", "3")
-    assert ArtefactStore(str(tmp_path)).concurrency == 3
-    assert ArtefactStore(str(tmp_path), concurrency=1).concurrency == 1
-
-
 def test_a_failure_in_the_middle_of_a_batch_leaves_the_dir_uncommitted(
     backend: tuple[ArtefactStore, Raw], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, raw = backend
-    store.concurrency = 4
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", "4")
     store.put_dir("many", make_tree(tmp_path / "old", {"old.bin": b"old version"}))
     rels = sorted(MANY)
     break_file_commit(store, monkeypatch, rels[60])
@@ -592,8 +586,9 @@ def test_unreachable_server_raises_storage_error_naming_the_url(
     store = ArtefactStore(
         f"s3://{BUCKET}/{uuid.uuid4().hex}",
         storage_options={"endpoint_url": f"http://{host}:{port}", "config_kwargs": FAST_FAIL},
-        concurrency=1,  # one file after another, so that the server stops between them
     )
+    # one file after another, so that the server stops between them
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", "1")
     try:
         store.put_bytes("kept.bin", b"kept")
         # the server goes away in the middle of put_dir, after the first file

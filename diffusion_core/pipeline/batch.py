@@ -1,6 +1,6 @@
 """Bounded concurrency for the artefact store's directory transfers: many files in flight at once
 (on S3 each file is one request, so a directory of small files is bound by round trips), at most
-``concurrency`` at a time, and the first failure stops the batch."""
+``DIFFPIPE_STORE_CONCURRENCY`` at a time, and the first failure stops the batch."""
 
 from __future__ import annotations
 
@@ -8,16 +8,21 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TypeVar
 
+from diffusion_core.settings import settings
+
 T = TypeVar("T")
 
 
-def run_all(jobs: Sequence[Callable[[], T]], *, concurrency: int) -> list[T]:
-    """Call every job, at most ``concurrency`` at a time; the results in job order.
+def run_all(jobs: Sequence[Callable[[], T]], *, concurrency: int | None = None) -> list[T]:
+    """Call every job, at most ``concurrency`` at a time (unset: the settings'
+    ``store_concurrency``); the results in job order.
 
     The first failure (the earliest job among those that failed by then) is raised once the jobs
     already running have finished; jobs not yet started are cancelled. With ``concurrency`` 1 the
     jobs run one after another in this thread.
     """
+    if concurrency is None:
+        concurrency = settings().store_concurrency
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     if concurrency == 1 or len(jobs) <= 1:

@@ -13,11 +13,10 @@ Atomicity: no reader ever sees half an artefact.
   only on ``CompleteMultipartUpload``, so readers see the old object or the whole new one.
   A temporary key plus server-side copy would add a second full write and a window in which
   a crashed writer leaves orphaned temporary objects, without any stronger guarantee.
-* **Directories** (checkpoints, sample shard sets, reports), whose files move ``concurrency``
-  at a time, are committed by writing ``manifest.json`` *last*: ``{"files": {"rel/path":
-  {"sha256": ..., "size": ...}}, "created": <ISO time>}``. A directory without its manifest
-  does not exist for readers (:meth:`ArtefactStore.exists_dir` is False,
-  :meth:`ArtefactStore.get_dir` raises).
+* **Directories** (checkpoints, sample shard sets, reports) are committed by writing
+  ``manifest.json`` *last*: ``{"files": {"rel/path": {"sha256": ..., "size": ...}},
+  "created": <ISO time>}``. A directory without its manifest does not exist for readers
+  (:meth:`ArtefactStore.exists_dir` is False, :meth:`ArtefactStore.get_dir` raises).
   Rewriting a committed directory first removes its manifest, so readers never mix versions.
 
 ``.tmp`` entries (in-flight or left by a crashed writer) are never returned by
@@ -64,7 +63,6 @@ from diffusion_core.pipeline.errors import (
 )
 from diffusion_core.pipeline.layout import MANIFEST, TMP_DIR, check_key, check_rel, is_tmp
 from diffusion_core.pipeline.s3 import s3_storage_options
-from diffusion_core.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +95,12 @@ class ArtefactStore:
     """Artefacts under one root URL (local folder or ``s3://bucket/prefix``).
 
     ``storage_options`` go to the fsspec filesystem (for S3 see :func:`s3_storage_options`).
-    Keys are ``/``-separated paths relative to the root. ``concurrency``: the most files a
-    directory transfer moves at once (unset: ``DIFFPIPE_STORE_CONCURRENCY``; 1: one by one).
+    Keys are ``/``-separated paths relative to the root.
     """
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        storage_options: dict[str, Any] | None = None,
-        concurrency: int | None = None,
-    ) -> None:
+    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
         if not root:
             raise ValueError("artefact store root is empty")
-        self.concurrency = settings().store_concurrency if concurrency is None else concurrency
         protocol, path = fsspec.core.split_protocol(root)
         protocol = protocol or "file"
         if protocol in _LOCAL_PROTOCOLS:
@@ -265,9 +255,9 @@ class ArtefactStore:
     def put_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Store every file under ``local_dir`` below ``prefix`` (``concurrency`` at a time; a
-        failure stops the rest), then commit the directory by writing its manifest last. Returns
-        the files' records, sorted by relative path.
+        """Store every file under ``local_dir`` below ``prefix``, many at once (``run_all``), then
+        commit the directory by writing its manifest last. Returns the files' records, sorted by
+        relative path.
 
         An existing directory at ``prefix`` is uncommitted (manifest removed) first; after the
         commit, files of the old manifest that are not in the new one are removed. Other keys
@@ -300,8 +290,7 @@ class ArtefactStore:
             old_files = set()
         # readers stop seeing an old version before any of its files change
         self._remove_file(manifest_key, "put_dir")
-        puts = [partial(self.put_file, f"{prefix}/{rel}", source / rel) for rel in rels]
-        records = run_all(puts, concurrency=self.concurrency)
+        records = run_all([partial(self.put_file, f"{prefix}/{rel}", source / rel) for rel in rels])
         manifest = {
             "files": {
                 rel: {"sha256": rec.sha256, "size": rec.size}
@@ -414,8 +403,8 @@ class ArtefactStore:
     def get_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Download every file in the manifest of ``prefix`` into ``local_dir`` (``concurrency``
-        at a time), verifying each sha256 and size. Raises ArtefactNotFoundError when ``prefix``
+        """Download every file in the manifest of ``prefix`` into ``local_dir``, many at once,
+        verifying each sha256 and size. Raises ArtefactNotFoundError when ``prefix``
         was never committed, IntegrityError when a file differs from its manifest entry."""
         prefix = check_key(prefix)
         manifest = self.read_manifest(prefix, operation="get_dir")
@@ -427,7 +416,7 @@ class ArtefactStore:
             )
             for rel, e in sorted(manifest["files"].items())
         ]
-        records = run_all(gets, concurrency=self.concurrency)
+        records = run_all(gets)
         logger.debug("fetched %s (%d files) into %s", self.url(prefix), len(records), target)
         return records
 
