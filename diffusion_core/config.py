@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from diffusion_core.settings import settings
 
 
 class ConfigError(ValueError):
@@ -625,7 +626,7 @@ def _digest(obj: Any) -> str:
 
 def diffpipe_home() -> Path:
     """``$DIFFPIPE_HOME`` as an absolute path; ``./.diffpipe`` when unset or empty."""
-    return Path(os.path.expanduser(os.environ.get("DIFFPIPE_HOME") or ".diffpipe")).absolute()
+    return settings().diffpipe_home.expanduser().absolute()
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:

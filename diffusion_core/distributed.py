@@ -4,11 +4,12 @@ inference, joining and leaving a ``torchrun`` process group, this process's rank
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from diffusion_core.settings import settings
 
 
 class DeviceError(ValueError):
@@ -20,8 +21,9 @@ def local_gpu_index() -> int:
     torchrun; in a worker of a local Dask cluster (workers named 0..n-1) its name modulo the
     GPU count, so that n workers spread over the GPUs; else 0. Workers that each see one GPU
     (CUDA_VISIBLE_DEVICES set per worker, as dask-cuda does) use that one."""
-    if "LOCAL_RANK" in os.environ:
-        return int(os.environ["LOCAL_RANK"])
+    local_rank = settings().local_rank
+    if local_rank is not None:  # set by torchrun
+        return local_rank
     try:
         from distributed import get_worker
 
@@ -81,7 +83,7 @@ def rank_and_world() -> tuple[int, int]:
 def init_distributed(device: torch.device) -> bool:
     """Join the process group when launched by ``torchrun`` (NCCL on CUDA, with this process's
     GPU as the current device; gloo on a CPU); True when distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if settings().world_size <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if device.type == "cuda":
         torch.cuda.set_device(device)

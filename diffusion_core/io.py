@@ -27,6 +27,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -62,17 +63,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
-_MKSTEMP_TRIES = 5
+_MKSTEMP_TRIES = 20
 
 
 def _mkstemp(path: Path, staging: Path) -> str:
     """A new empty file in ``staging`` for ``path``; retried when another writer removed the
-    (then empty) staging folder between its creation and ours."""
+    (then empty) staging folder while we were creating it or our file in it (``mkdir`` raises
+    FileExistsError when the folder it found is gone by the time it checks)."""
     for attempt in range(_MKSTEMP_TRIES):
-        staging.mkdir(parents=True, exist_ok=True)
         try:
+            staging.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=staging)
-        except FileNotFoundError:
+        except (FileNotFoundError, FileExistsError):
             if attempt == _MKSTEMP_TRIES - 1:
                 raise
             continue
@@ -374,22 +376,30 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def make_grid(images: Tensor, *, nrow: int | None = None, pad: int = 1, scale: int = 1) -> Tensor:
-    """Tile (N, C, H, W) uint8 images into one (C, H', W') image, ``nrow`` per row."""
+    """Tile (N, C, H, W) uint8 images into one (C, H', W') image, ``nrow`` per row (default: a
+    square), with ``pad`` black pixels around every tile, then magnify ``scale`` times.
+
+    ``torchvision.utils.make_grid`` does the tiling. It narrows a row with fewer than ``nrow``
+    images, returns a lone image without its border and repeats one channel to three, so a short
+    row is filled with black tiles, a lone image gets its border and one channel stays one.
+    """
+    from torchvision.utils import make_grid as make_image_grid  # slow to import: only when needed
+
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, y : y + h, x : x + w] = images[i]
+    tiles = torch.cat([images, images.new_zeros((max(0, nrow - n), c, h, w))])
+    if len(tiles) == 1:
+        grid = F.pad(tiles[0], (pad, pad, pad, pad))
+    else:
+        grid = make_image_grid(tiles, nrow=nrow, padding=pad)[:c]  # (C, H', W')
     if scale > 1:
         grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return grid
 
 
 def save_grid(images: Tensor, path: str | Path, *, nrow: int | None = None, scale: int = 1) -> Path:
-    """A grid of uint8 (N, C, H, W) images as one PNG, written atomically."""
+    """A grid of uint8 (N, C, H, W) images as one PNG, written atomically (grey stays one
+    channel; torchvision's ``save_image`` takes floats in [0, 1] and writes RGB)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         to_pil(make_grid(images, nrow=nrow, scale=scale)).save(tmp, format="PNG")

@@ -32,6 +32,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,17 @@ class ClipModel:
     @property
     def context_dim(self) -> int:
         """Width of the token states (the U-Net's ``model.context_dim``)."""
-        return int(self.model.ln_final.normalized_shape[0])
+        return self._widths[0]
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1])
+        """Width of the pooled embedding."""
+        return self._widths[1]
+
+    @cached_property
+    def _widths(self) -> tuple[int, int]:
+        tokens, pooled = self._encode_new([""])
+        return int(tokens.shape[-1]), int(pooled.shape[-1])
 
     @property
     def device(self) -> torch.device:
@@ -131,12 +138,23 @@ class ClipModel:
 
     @torch.no_grad()
     def _encode_new(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        m = self.model
-        text = self.tokenizer(prompts).to(self.device)
-        x = m.token_embedding(text) + m.positional_embedding
-        x = m.transformer(x, attn_mask=m.attn_mask)
-        tokens = m.ln_final(x)
-        pooled = m.encode_text(text)
+        """Token states (the text tower's last block through its final norm, (B, L, width)) and
+        the pooled, projected embedding (B, dim) in one pass of open_clip's
+        ``forward_intermediates``, which every text tower with its own transformer provides
+        (``CLIP``, ``CustomTextCLIP``, SigLIP) in its own dtype."""
+        try:
+            out = self.model.forward_intermediates(
+                text=self.tokenizer(prompts).to(self.device),
+                text_indices=1,
+                normalize_intermediates=True,
+                normalize=False,
+            )
+        except (AttributeError, NotImplementedError, AssertionError) as exc:
+            raise ClipError(
+                f"CLIP model {self.name}: its text tower gives no token states "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        tokens, pooled = out["text_intermediates"][-1], out["text_features"]
         return tokens.float().cpu(), pooled.float().cpu()
 
     def encode_text(self, prompts: list[str]) -> TextEmbedding:

@@ -39,6 +39,7 @@ logged; its id is a one-way fingerprint that tells which key marked an image.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
 import io
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from diffusion_core.config import diffpipe_home
 from diffusion_core.io import AS_STORED, ImageReadError, image_tensor, open_image, read_image
+from diffusion_core.settings import WATERMARK_KEY_VARIABLE, settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ PAYLOAD_BITS = 48
 DEFAULT_STRENGTH = 18.0  # the lattice step at 16x16, in grey levels
 DEFAULT_ITERATIONS = 30
 MIN_KEY_BYTES = 16
-KEY_ENV = "DIFFPIPE_WATERMARK_KEY"
+KEY_ENV = WATERMARK_KEY_VARIABLE
 LUMA = np.array([0.299, 0.587, 0.114])  # JFIF / ITU-R BT.601, as JPEG encoders use
 PNG_KEYS = ("model", "version", "run_id", "key_id", "scheme")  # tEXt keys, "diffpipe:" prefix
 
@@ -118,9 +120,9 @@ def load_key(
     """
     if key_file is not None:
         return _read_key_file(Path(key_file))
-    value = os.environ.get(key_env)
-    if value:
-        return WatermarkKey(value.encode(), source=f"${key_env}")
+    value = settings().secret(key_env)
+    if value is not None:
+        return WatermarkKey(value.get_secret_value().encode(), source=f"${key_env}")
     path = default_key_file()
     if not path.exists() and create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,14 +154,9 @@ def _read_key_file(path: Path) -> WatermarkKey:
 
 
 def crc16(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
+    """CRC-16/CCITT-FALSE: polynomial 0x1021, initial value 0xFFFF, no reflection (the standard
+    library's ``binascii.crc_hqx`` started at 0xFFFF)."""
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 def model_tag(name: str) -> int:

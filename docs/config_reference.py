@@ -1,6 +1,7 @@
-"""Write the configuration reference, generated from ``diffusion_core/config.py``, into the README
-between its config-reference markers: ``python docs/config_reference.py`` (the test suite checks
-that the README's table is the generated one)."""
+"""Write the configuration reference, generated from ``diffusion_core/config.py``, and the table
+of environment variables, generated from ``diffusion_core/settings.py``, into the README between
+their markers: ``python docs/config_reference.py`` (the test suite checks that the README's tables
+are the generated ones)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from diffusion_core.config import RunConfig
+from diffusion_core.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+ENV_START, ENV_END = "<!-- environment-reference:start -->", "<!-- environment-reference:end -->"
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -100,13 +103,45 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _env_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def environment_rows() -> list[tuple[str, str, str]]:
+    """(variable, default, description) of every environment variable diffpipe reads."""
+    return [
+        (str(field.alias), _env_default(field.default), " ".join((field.description or "").split()))
+        for field in Settings.model_fields.values()
+    ]
+
+
+def environment_markdown() -> str:
+    """The environment variables as a markdown table."""
+    lines = ["| variable | default | what it sets |", "| --- | --- | --- |"]
+    for name, default, doc in environment_rows():
+        lines.append(f"| `{name}` | `{default}` | {_markdown(doc)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _between(text: str, start: str, end: str, table: str) -> str:
+    """``text`` with ``table`` between the markers ``start`` and ``end`` (both must be there)."""
+    head, found_start, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not found_start or not found_end:
+        raise SystemExit(f"{README}: needs the lines {start} and {end}")
+    return f"{head}{start}\n{table}{end}{tail}"
+
+
 def with_reference(text: str) -> str:
-    """``text`` with the generated table between the markers (which must both be there)."""
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{README}: needs the lines {START} and {END}")
-    return f"{head}{START}\n{reference_markdown()}{END}{tail}"
+    """``text`` with both generated tables between their markers."""
+    text = _between(text, START, END, reference_markdown())
+    return _between(text, ENV_START, ENV_END, environment_markdown())
 
 
 if __name__ == "__main__":

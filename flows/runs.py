@@ -19,6 +19,7 @@ import yaml
 from diffpipe.flows.commands import EXIT_FAILED, UsageError, load
 
 from diffusion_core.config import ConfigError, EvaluationConfig, diffpipe_home
+from diffusion_core.settings import settings
 
 
 def prefect_env() -> None:
@@ -27,7 +28,8 @@ def prefect_env() -> None:
     home = diffpipe_home()
     os.environ.setdefault("DIFFPIPE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes no parents
+    prefect_home = settings().prefect_home or home / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect makes no parents
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -140,7 +142,7 @@ def ensure_pool(name: str, *, kind: str, job_template: str | None) -> bool:
             template = json.loads(Path(job_template).read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--job-template {job_template}: not a JSON file ({exc})") from None
-    api = os.environ.get("PREFECT_API_URL")
+    api = settings().prefect_api_url
     try:
         with get_client(sync_client=True) as client:
             try:
@@ -176,7 +178,7 @@ def with_pool(prefect_file: Path, pool: str) -> dict[str, Any]:
 def deploy(args: argparse.Namespace) -> int:
     """Register the deployments of ``--prefect-file`` on the work pool ``--pool`` (created when
     missing) with the Prefect server at PREFECT_API_URL."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not settings().prefect_api_url:
         raise UsageError(
             "PREFECT_API_URL is not set: start a server (prefect server start) and "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api"

@@ -8,7 +8,6 @@ storage and network I/O: a ``StorageError`` that is not a missing artefact or a 
 from __future__ import annotations
 
 import hashlib
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,7 @@ from diffusion_core.pipeline.stages import (
 )
 from diffusion_core.pipeline.store import ArtefactStore
 from diffusion_core.sampling import SampleRequest
-
-# Seconds between tries of an I/O task; DIFFPIPE_RETRY_DELAYS="2,8" style to change.
-RETRY_DELAYS = [float(s) for s in os.environ.get("DIFFPIPE_RETRY_DELAYS", "2,8").split(",")]
+from diffusion_core.settings import settings
 
 
 def transient(exc: BaseException) -> bool:
@@ -72,11 +69,19 @@ def retry_on_io(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> b
     return False
 
 
-io_retries: dict[str, Any] = {
-    "retries": len(RETRY_DELAYS),
-    "retry_delay_seconds": RETRY_DELAYS,
-    "retry_condition_fn": retry_on_io,
-}
+def retry_options() -> dict[str, Any]:
+    """Prefect's retry options for an I/O task: one retry per delay of ``DIFFPIPE_RETRY_DELAYS``
+    (through the settings), on transient failures only. Prefect fixes a task's retries when the
+    task is defined, so this is read when this module defines its tasks."""
+    delays = list(settings().retry_delays)
+    return {
+        "retries": len(delays),
+        "retry_delay_seconds": delays,
+        "retry_condition_fn": retry_on_io,
+    }
+
+
+io_retries: dict[str, Any] = retry_options()
 
 
 @task(

@@ -2,14 +2,14 @@
 
 Tracking defaults to ``sqlite:///$DIFFPIPE_HOME/mlflow.db`` (``MLFLOW_TRACKING_URI`` or the
 config's ``tracking.uri`` win). Each experiment keeps its artifacts under the artefact store's
-root (``<root>/mlflow``), so with an ``s3://`` root nothing lands on local disk.
+root (``<root>/mlflow``), so with an ``s3://`` root nothing lands on local disk. Every call goes
+through an ``MlflowClient`` for its URI: MLflow's process-wide URIs are never set here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -20,8 +20,9 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import ViewType
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 
 from diffusion_core import __version__
 from diffusion_core.config import diffpipe_home
@@ -29,6 +30,7 @@ from diffusion_core.evaluation.promotion import Champion, decide
 from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE
 from diffusion_core.pipeline.stages.train import Parent
 from diffusion_core.pipeline.store import ArtefactStore
+from diffusion_core.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,7 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 
 def tracking_uri(configured: str | None = None) -> str:
     return (
-        configured
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{diffpipe_home() / 'mlflow.db'}"
+        configured or settings().mlflow_tracking_uri or f"sqlite:///{diffpipe_home() / 'mlflow.db'}"
     )
 
 
@@ -159,23 +159,43 @@ def register_model(
     checkpoint_dir: str | Path,
     tags: dict[str, str],
 ) -> ModelRef:
-    """Log the pyfunc (from code) with the checkpoint's EMA weights and model card, register it
-    as a new version of ``name`` and give that version the alias ``challenger``."""
+    """Log the pyfunc (from code) with the checkpoint's EMA weights and model card as the run's
+    logged model (saved locally, then uploaded by the client: ``mlflow.pyfunc.log_model`` needs
+    the global tracking URI), register it as a new version of ``name``, alias ``challenger``."""
     checkpoint_dir = Path(checkpoint_dir)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
+    c = client(uri)
+    logged = c.create_logged_model(
+        c.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id
+    )
+    with temp_dir() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            str(local),
             python_model=str(MODEL_CODE),
             artifacts={
                 "weights": str(checkpoint_dir / "ema.safetensors"),
                 "card": str(checkpoint_dir / CARD_FILE),
             },
             pip_requirements=["diffpipe", "torch==2.14.1", "safetensors"],
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_id=logged.model_id,
+                model_uuid=logged.model_id,
+            ),
         )
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    c = client(uri)
+        c.log_model_artifacts(logged.model_id, str(local))
+    c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # The logged model's location, not models:/<id>: MLflow resolves that with the global URI.
+    version = c.create_model_version(
+        name, logged.artifact_location, run_id, tags=tags, model_id=logged.model_id
+    )
     c.set_registered_model_alias(name, CHALLENGER, version.version)
     return ModelRef(name, str(version.version), [CHALLENGER], f"models:/{name}/{version.version}")
 
@@ -235,6 +255,22 @@ def registered_model(uri: str, name: str) -> Any:
     )
 
 
+def model_versions(uri: str, name: str) -> list[Any]:
+    """Every version of the registered model ``name``.
+
+    MLflow's filter strings have no escapes, so ``name`` is quoted with a quote character it does
+    not contain; a name with both is matched with LIKE, each quote a one-character wildcard, and
+    the results are narrowed to the exact name.
+    """
+    if "'" not in name:
+        query = f"name = '{name}'"
+    elif '"' not in name:
+        query = f'name = "{name}"'
+    else:
+        query = "name LIKE '" + name.replace("'", "_").replace('"', "_") + "'"
+    return [v for v in client(uri).search_model_versions(query) if v.name == name]
+
+
 def source_runs(uri: str, run_ids: list[str]) -> pd.DataFrame:
     """The runs that produced registered versions, indexed by run id, with ``mlflow.search_runs``'
     columns (``status``, ``start_time``, ``params.<k>``, ``tags.<k>``). Searched through the
@@ -277,9 +313,8 @@ def comparison_table(uri: str, name: str) -> pd.DataFrame:
     """Every registered version of ``name``: its aliases, the decision the promotion rule gives
     it against the current champion (and why), its source run (``mlflow.search_runs``) and the
     metrics and metric record of its evaluation. UnknownModelError for an unknown name."""
-    c = client(uri)
     model = registered_model(uri, name)
-    versions = c.search_model_versions(f"name = '{name}'")
+    versions = model_versions(uri, name)
     # Search results leave aliases out; the registered model maps alias -> version.
     aliases: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
@@ -414,11 +449,10 @@ def download_model_files(uri: str, model_uri: str, dst: str | Path) -> tuple[Pat
     """The model card and EMA weights of a registered version (``models:/<name>/<version>``
     or ``models:/<name>@<alias>``), downloaded under ``dst``."""
     version = resolve_version(uri, model_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    source = client(uri).get_model_version_download_uri(version.name, version.version)
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(dst)
+            artifact_uri=source, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
         )
     )
     weights = local / "artifacts" / "ema.safetensors"

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from diffusion_core.text import ClipError, load_clip
+from diffusion_core.config import TextConfig
+from diffusion_core.text import (
+    ClipError,
+    check_encoder,
+    encoder_record,
+    load_clip,
+    load_text_encoder,
+    resolve_context_dim,
+    state_fingerprint,
+)
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "clip" / "tiny-clip.json")
+FINGERPRINT_TINY_SEED_0 = "3b24aacb51ce14a00a34cad85074cb610ecce429e77543910788a08d0d209d3d"
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +90,70 @@ def test_image_features_normalised_and_grey_equals_repeated_rgb(weights_file) ->
     torch.testing.assert_close(f_grey.norm(dim=1), torch.ones(4))
     with pytest.raises(ClipError, match="uint8"):
         clip.image_features(grey.float())
+
+
+def _manual_token_states(model, text: torch.Tensor) -> torch.Tensor:
+    """The plain ``CLIP`` text tower run by hand (what diffpipe did before open_clip had
+    ``forward_intermediates``): embeddings, transformer with the causal mask, final norm."""
+    x = model.token_embedding(text) + model.positional_embedding
+    return model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+
+
+def test_token_states_equal_the_text_tower_run_by_hand(weights_file) -> None:
+    path, _ = weights_file
+    clip = load_clip(TINY, str(path))
+    prompts = ["a red square at the top left", "a blue circle", ""]
+    with torch.no_grad():
+        expected = _manual_token_states(clip.model, clip.tokenizer(prompts))
+    torch.testing.assert_close(clip.encode_text(prompts).tokens, expected, rtol=0, atol=0)
+    assert (clip.context_dim, clip.embed_dim) == (64, 64)
+
+
+def test_tiny_encoder_fingerprint_is_unchanged() -> None:
+    """A checkpoint records the sha256 of its (here random, seed 0) encoder's state and refuses
+    another at sampling time: the tiny config's value must stay what it was when such
+    checkpoints were written (open_clip 3.3.0, torch 2.14.1)."""
+    clip = load_text_encoder(TextConfig(model=TINY))
+    assert state_fingerprint(clip) == FINGERPRINT_TINY_SEED_0
+
+
+# Custom text towers (``CustomTextCLIP``): the text transformer lives in ``model.text``. The second
+# is shaped like SigLIP's text tower (its name must not contain "siglip", which would select
+# SigLIP's own tokenizer): no causal mask, the last token pooled, a projection with a bias.
+CUSTOM_TEXT = {
+    "tiny-custom-text": {},
+    "tiny-bidirectional": {"no_causal_mask": True, "pool_type": "last", "proj_bias": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM_TEXT))
+def test_custom_text_tower_gives_token_states(name: str, tmp_path: Path) -> None:
+    config = json.loads(Path(TINY).read_text())
+    config["custom_text"] = True
+    config["text_cfg"].update(CUSTOM_TEXT[name])
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(3)
+    clip = load_clip(str(path))
+    assert type(clip.model).__name__ == "CustomTextCLIP"
+    prompts = ["a red square at the top left", "a blue circle"]
+    emb = clip.encode_text(prompts)
+    assert emb.tokens.shape == (2, 32, 64) and emb.pooled.shape == (2, 64)
+    # The tower's own forward, asked for its tokens, and open_clip's encode_text agree.
+    text = clip.tokenizer(prompts)
+    tower = clip.model.text
+    tower.output_tokens = True
+    try:
+        with torch.no_grad():
+            pooled, tokens = tower(text)
+    finally:
+        tower.output_tokens = False
+    torch.testing.assert_close(emb.tokens, tokens, rtol=0, atol=0)
+    torch.testing.assert_close(emb.pooled, pooled, rtol=0, atol=0)
+    torch.testing.assert_close(emb.pooled, clip.model.encode_text(text))
+    # It conditions a text model like the plain tower does.
+    tc = TextConfig(model=str(path))
+    assert resolve_context_dim(None, clip, tc) == 64
+    record = encoder_record(clip, tc)
+    assert record["context_dim"] == 64 and record["model_config"]["custom_text"] is True
+    check_encoder(clip, record)

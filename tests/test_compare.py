@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,3 +236,41 @@ def test_refusal_names_each_differing_key_with_both_values() -> None:
     assert record_mismatch(RECORD, old) == ["engine", "nfe"]
     # Seeds are recorded but do not block a comparison: the intervals carry sampling noise.
     assert decide(evaluation(1.0, 0.1, seed=7), champion(evaluation(2.0, 0.1))).promote
+
+
+def test_names_with_quotes_register_and_compare_through_clients_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registration, the comparison table and the download use clients for the URI they are
+    given: MLflow's global URIs stay as they were. Names with quotes work in search filters."""
+    import mlflow
+
+    other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "ema.safetensors").write_bytes(b"weights")
+    (checkpoint / "card.json").write_text('{"card": true}')
+    run_id = tracking.start_run(
+        uri, "quotes", (tmp_path / "artefacts").as_uri(), run_name="r", params={}, tags={}
+    )
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.create_registered_model("both__q")  # what the LIKE pattern of both'"q also matches
+    c.create_model_version("both__q", "file:///nowhere", run_id)
+    for name in ("o'brien", 'say "hi"', "both'\"q"):
+        model = tracking.register_model(
+            uri, run_id, name=name, checkpoint_dir=checkpoint, tags={"k": "v"}
+        )
+        assert (model.version, model.aliases) == ("1", ["challenger"])
+        table = tracking.comparison_table(uri, name)
+        assert list(table["version"]) == [1] and list(table["run_id"]) == [run_id]
+        assert list(table["aliases"]) == ["challenger"]
+        card, weights = tracking.download_model_files(uri, f"models:/{name}@challenger", tmp_path)
+        assert card.read_text() == '{"card": true}' and weights.read_bytes() == b"weights"
+        assert c.get_model_version(name, "1").tags == {"k": "v"}
+    # the run lists its logged model; nothing went to the global tracking URI
+    assert len(c.get_run(run_id).outputs.model_outputs) == 3
+    assert mlflow.get_tracking_uri() == before and os.environ["MLFLOW_TRACKING_URI"] == other
+    assert MlflowClient(tracking_uri=other, registry_uri=other).search_registered_models() == []

@@ -155,6 +155,36 @@ def test_score_floor_intervals_and_self_comparison(domain_dir):
     assert same.raw["precision"] == 1.0 and same.raw["recall"] == 1.0
 
 
+def test_score_runs_the_extractor_once_per_image(domain_dir, monkeypatch):
+    """Intervals and floors reuse the features: the extractor sees every image exactly once."""
+    path, _ = domain_dir
+    seen: list[int] = []
+    forward = fidelity.DomainFeatureExtractor.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(fidelity.DomainFeatureExtractor, "forward", counting)
+    ex = fidelity.Extractor(fidelity.DOMAIN, path, "x" * 64)
+    fidelity.score(images(40, seed=3), images(100, seed=2), ex, draws=5, batch_size=32)
+    assert sum(seen) == 140
+
+
+def test_only_torch_fidelitys_public_names_are_imported():
+    """``torch_fidelity``'s own namespace is its documented API; its submodules are not."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(fidelity))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch_fidelity"):
+            assert node.module == "torch_fidelity", node.module
+            assert all(hasattr(torch_fidelity, a.name) for a in node.names)
+        if isinstance(node, ast.Import):
+            assert all(a.name == "torch_fidelity" or "fidelity" not in a.name for a in node.names)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inception weights from a configured file.
 

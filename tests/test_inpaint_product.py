@@ -37,6 +37,7 @@ def registry(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)  # for mlflow.pyfunc.load_model, as a user would
     run_id = tracking.start_run(
         uri, "inpaint-test", f"file://{root / 'artefacts'}", run_name="register", params={}, tags={}
     )

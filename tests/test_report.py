@@ -12,6 +12,7 @@ import torch
 from matplotlib.axes import Axes
 from PIL import Image
 
+from diffusion_core.io import make_grid
 from diffusion_core.report import plots
 from diffusion_core.report.html import (
     ReportData,
@@ -121,6 +122,32 @@ def test_ema_smooth() -> None:
     assert list(smooth) == sorted(smooth, reverse=True)
     assert smooth[-1] > 0.0
     assert list(plots.ema_smooth(values, 0.0)) == values
+
+
+def _grid_by_hand(images: torch.Tensor, nrow: int, pad: int, scale: int) -> torch.Tensor:
+    """The sample grid's layout written out: ``nrow`` columns of tiles, ``pad`` black pixels
+    around each, empty cells black, then every pixel repeated ``scale`` times each way."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize(
+    ("n", "nrow", "pad", "scale"),
+    [(5, None, 1, 1), (5, 3, 1, 2), (7, 2, 2, 1), (1, None, 1, 1), (2, 4, 1, 3), (9, 1, 0, 1)],
+)
+def test_make_grid_keeps_the_layout(n, nrow, pad, scale, channels) -> None:
+    images = _images(n, size=3, channels=channels, seed=n) | 1  # no tile is black at the edge
+    grid = make_grid(images, nrow=nrow, pad=pad, scale=scale)
+    expected = _grid_by_hand(images, nrow or math.ceil(math.sqrt(n)), pad, scale)
+    assert grid.dtype == torch.uint8 and grid.shape == expected.shape
+    assert torch.equal(grid, expected)
 
 
 def test_plot_sample_grid_conditional_rows(tmp_path: Path) -> None:

@@ -1,13 +1,15 @@
-"""The full run report opened in headless Chromium: every image loads, nothing fails, and a
-screenshot is kept to look at (copied to ``$DIFFPIPE_SCREENSHOT_DIR`` when that is set).
+"""The full run report opened in headless Chromium (driven by Playwright): every image loads,
+nothing fails, and a screenshot is kept to look at (copied to ``$DIFFPIPE_SCREENSHOT_DIR`` when
+that is set).
 
-Without Chromium the tests skip, unless ``DIFFPIPE_REQUIRE_BROWSER=1`` (CI), where they fail.
+Without Chromium (or Playwright) the tests skip, unless ``DIFFPIPE_REQUIRE_BROWSER=1`` (CI), where
+they fail.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from diffusion_core.report.html import ReportData, write_report
+from diffusion_core.settings import settings
 from tests.browser import CHROMIUM_NAMES, check_in_browser, find_chromium, require_browser
 
 NUM_CLASSES, PER_CLASS, SIZE = 10, 12, 16
@@ -25,9 +28,13 @@ NUM_CLASSES, PER_CLASS, SIZE = 10, 12, 16
 def chromium() -> str:
     """The browser, or a skip (a failure when the browser is required)."""
     path = find_chromium()
-    if path is not None:
+    if path is not None and importlib.util.find_spec("playwright") is not None:
         return path
-    reason = f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)})"
+    reason = (
+        f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)})"
+        if path is None
+        else "the playwright package is not installed"
+    )
     if require_browser():
         pytest.fail(f"DIFFPIPE_REQUIRE_BROWSER is set but {reason}")
     pytest.skip(f"{reason}; install chromium to check the report in a browser")
@@ -145,10 +152,10 @@ def full_report() -> ReportData:
 
 
 def keep_screenshot(path: Path) -> None:
-    folder = os.environ.get("DIFFPIPE_SCREENSHOT_DIR")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, Path(folder) / path.name)
+    folder = settings().screenshot_dir
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, folder / path.name)
 
 
 @pytest.fixture(scope="module")

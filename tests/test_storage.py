@@ -6,6 +6,8 @@ import hashlib
 import os
 import pickle
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -334,16 +336,29 @@ def _fail_on_call(n: int, original: Callable[..., Any], exc: BaseException) -> C
     return wrapper
 
 
-def break_file_commit(store: ArtefactStore, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Make the ``n``-th file commit fail after the data was sent."""
+def _fail_for(
+    path_end: str, original: Callable[..., Any], exc: BaseException
+) -> Callable[..., Any]:
+    """Wrap ``original`` so that a call whose second argument (the destination) ends with
+    ``path_end`` raises ``exc``: the same file fails whatever order concurrent calls come in."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.fspath(args[1]).endswith(path_end):
+            raise exc
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def break_file_commit(store: ArtefactStore, monkeypatch: pytest.MonkeyPatch, rel: str) -> None:
+    """Make the commit of the file ``rel`` fail after its data was sent."""
     if store.local:
         # the temporary is written and fsync-ed; the rename into place fails
-        monkeypatch.setattr(os, "replace", _fail_on_call(n, os.replace, OSError(5, "disk gone")))
+        monkeypatch.setattr(os, "replace", _fail_for(f"/{rel}", os.replace, OSError(5, "gone")))
     else:
         fs = store.fs
-        monkeypatch.setattr(
-            fs, "put_file", _fail_on_call(n, fs.put_file, ConnectionResetError("reset by peer"))
-        )
+        failing = _fail_for(f"/{rel}", fs.put_file, ConnectionResetError("reset by peer"))
+        monkeypatch.setattr(fs, "put_file", failing)
 
 
 def test_failed_put_bytes_leaves_nothing(
@@ -367,7 +382,7 @@ def test_put_dir_failing_midway_commits_nothing(
 ) -> None:
     src = make_tree(tmp_path / "src", TREE)
     rels = sorted(TREE)
-    break_file_commit(store, monkeypatch, n=2)
+    break_file_commit(store, monkeypatch, rels[1])
     with pytest.raises(StorageError) as info:
         store.put_dir("ckpt", src)
     assert info.value.url == store.url("ckpt", rels[1])
@@ -386,6 +401,93 @@ def test_put_dir_failing_midway_commits_nothing(
     assert store.exists_dir("ckpt")
 
 
+class InFlight:
+    """Wraps a store method to count its calls and the most that ran at the same time."""
+
+    def __init__(self, original: Callable[..., Any], *, hold: float = 0.01) -> None:
+        self.original, self.hold = original, hold
+        self.calls = self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.calls += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.hold)  # keep the call open long enough for others to start
+            return self.original(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+MANY = {f"img/{i:05d}.png": os.urandom(i % 7 * 100) for i in range(120)}
+
+
+@pytest.mark.parametrize("concurrency", [1, 6])
+def test_batched_dir_round_trip_is_bounded(
+    backend: tuple[ArtefactStore, Raw],
+    concurrency: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Many files per call, never more than ``DIFFPIPE_STORE_CONCURRENCY`` at once (read when a
+    directory moves); the same directory as one file at a time would give."""
+    store = backend[0]
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", str(concurrency))
+    puts, gets = InFlight(store.put_file), InFlight(store.get_file)
+    monkeypatch.setattr(store, "put_file", puts)
+    monkeypatch.setattr(store, "get_file", gets)
+    records = store.put_dir("many", make_tree(tmp_path / "src", MANY))
+    assert [r.url for r in records] == [store.url("many", rel) for rel in sorted(MANY)]
+    fetched = store.get_dir("many", tmp_path / "dest")
+    assert [(r.sha256, r.size) for r in fetched] == [(r.sha256, r.size) for r in records]
+    for rel, data in MANY.items():
+        assert (tmp_path / "dest" / rel).read_bytes() == data
+    assert puts.calls == gets.calls == len(MANY)
+    if concurrency == 1:
+        assert puts.most == gets.most == 1
+    else:
+        assert 1 < puts.most <= concurrency and 1 < gets.most <= concurrency
+
+
+def test_a_failure_in_the_middle_of_a_batch_leaves_the_dir_uncommitted(
+    backend: tuple[ArtefactStore, Raw], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, raw = backend
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", "4")
+    store.put_dir("many", make_tree(tmp_path / "old", {"old.bin": b"old version"}))
+    rels = sorted(MANY)
+    break_file_commit(store, monkeypatch, rels[60])
+    puts = InFlight(store.put_file, hold=0.0)
+    monkeypatch.setattr(store, "put_file", puts)
+    with pytest.raises(StorageError) as info:
+        store.put_dir("many", make_tree(tmp_path / "src", MANY))
+    assert info.value.url == store.url("many", rels[60]) and info.value.operation == "put_file"
+    assert info.value.__cause__ is not None
+    assert puts.calls < len(MANY)  # the files not yet started were never sent
+    keys = raw.listing()
+    assert f"many/{MANIFEST}" not in keys and f"many/{rels[60]}" not in keys
+    assert not [k for k in keys if ".tmp" in k]
+    assert not store.exists_dir("many")  # neither the old version nor a half-new one
+    with pytest.raises(ArtefactNotFoundError):
+        store.get_dir("many", tmp_path / "dest")
+    monkeypatch.undo()
+    store.put_dir("many", tmp_path / "src")  # a retry commits the whole directory
+    assert set(store.read_manifest("many")["files"]) == set(MANY)
+
+
+def test_a_bad_file_in_a_batched_read_fails_it(
+    store: ArtefactStore, raw: Raw, tmp_path: Path
+) -> None:
+    store.put_dir("many", make_tree(tmp_path / "src", MANY))
+    raw.put(f"many/{sorted(MANY)[70]}", b"tampered")
+    with pytest.raises(IntegrityError, match=re.escape(store.url("many", sorted(MANY)[70]))):
+        store.get_dir("many", tmp_path / "dest")
+    assert not (tmp_path / "dest" / sorted(MANY)[70]).exists()
+
+
 def test_manifest_write_failing_leaves_dir_uncommitted(
     store: ArtefactStore, raw: Raw, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -401,6 +503,26 @@ def test_manifest_write_failing_leaves_dir_uncommitted(
         store.put_dir("ckpt", src)
     assert f"ckpt/{MANIFEST}" not in raw.listing()
     assert not store.exists_dir("ckpt")  # neither the old nor the half-new version is visible
+
+
+def test_staging_folder_removed_by_another_writer_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent writes share a folder's ``.tmp``, and the last one out removes it. A writer
+    whose ``mkdir`` found it there, but gone by the time it looked (FileExistsError from
+    ``mkdir(exist_ok=True)``), tries again instead of failing the write."""
+    store = ArtefactStore(str(tmp_path / "artefacts"))
+    real_mkdir, raced = os.mkdir, []
+
+    def mkdir_losing_a_race(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == ".tmp" and not raced:
+            raced.append(path)  # another writer made it and its last user removed it again
+            raise FileExistsError(17, "File exists", str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_losing_a_race)
+    store.put_bytes("ckpt/a.bin", b"a")
+    assert raced and store.get_bytes("ckpt/a.bin") == b"a"
 
 
 def test_local_write_goes_through_a_hidden_temporary(
@@ -465,6 +587,8 @@ def test_unreachable_server_raises_storage_error_naming_the_url(
         f"s3://{BUCKET}/{uuid.uuid4().hex}",
         storage_options={"endpoint_url": f"http://{host}:{port}", "config_kwargs": FAST_FAIL},
     )
+    # one file after another, so that the server stops between them
+    monkeypatch.setenv("DIFFPIPE_STORE_CONCURRENCY", "1")
     try:
         store.put_bytes("kept.bin", b"kept")
         # the server goes away in the middle of put_dir, after the first file

@@ -72,6 +72,23 @@ def test_crc16_check_value():
     assert wm.crc16(b"123456789") == 0x29B1
 
 
+def _crc16_bitwise(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE from its definition, one bit at a time."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = (((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
+
+
+def test_crc16_matches_its_definition_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, *rng.integers(3, 64, size=200).tolist()]:
+        data = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+        assert wm.crc16(data) == _crc16_bitwise(data), data.hex()
+
+
 def test_payload_round_trip_and_every_one_or_two_bit_error_is_detected():
     payload = wm.Payload(0xBEEF, 65535)
     bits = payload.to_bits()
@@ -335,6 +352,9 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
     before = store.read_manifest("runs/r1/safety")["files"]
 
     cfg = WatermarkConfig(enabled=True, key_env="STAGE_WM_KEY")
+    commits: list[str] = []  # the marked images go up as one directory, in one batched put_dir
+    put_dir = store.put_dir
+    monkeypatch.setattr(store, "put_dir", lambda p, d: commits.append(p) or put_dir(p, d))
     with caplog.at_level(logging.DEBUG):
         ref = watermark_published(
             store,
@@ -349,6 +369,8 @@ def test_stage_marks_published_images_only(tmp_path, monkeypatch, caplog, digits
     assert (ref.marked, ref.key_id, ref.model_version) == (10, key.key_id, "7")
     assert ref.psnr_min is not None and ref.psnr_min > 30
     assert ref.safety == dataclasses.replace(safety, prefix="runs/r1/published")
+    assert commits == ["runs/r1/published"]
+    assert len(store.read_manifest("runs/r1/published")["files"]) == 10 + 2  # + tensors, record
 
     # What reads the published set next gets the marked images, labels and seeds kept.
     published = read_published(store, ref.safety.prefix)

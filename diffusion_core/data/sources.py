@@ -22,6 +22,7 @@ from PIL import Image
 from diffusion_core.config import DataConfig
 from diffusion_core.data.dataset import DatasetError, ImageDataset, match_channels, resize_uint8
 from diffusion_core.io import CONVERT, ImageReadError, image_tensor, open_image
+from diffusion_core.settings import settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _storage_options(url: str, storage_options: dict[str, Any] | None) -> dict[s
     """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint."""
     options = dict(storage_options or {})
     protocol, _ = fsspec.core.split_protocol(url)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = settings().aws_endpoint_url
     client_kwargs = options.get("client_kwargs") or {}
     if (
         protocol in ("s3", "s3a")

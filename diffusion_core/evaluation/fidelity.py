@@ -1,6 +1,13 @@
-"""Sample quality through torch-fidelity: its feature extraction and its FID, KID, Inception Score
-and precision/recall, with intervals and the real-vs-real floor around them. One path for images
-and volumes: a volume set goes through the same calls, on the features of its own 3-D judge.
+"""Sample quality through torch-fidelity: its FID, KID, Inception Score and precision/recall,
+with intervals and the real-vs-real floor around them. One path for images and volumes: a volume
+set goes through the same calls, on the features of its own 3-D judge.
+
+Only torch-fidelity's documented API is used: ``calculate_metrics``, ``register_feature_extractor``
+and ``FeatureExtractorBase``, ``FeatureExtractorInceptionV3`` and the metric keys. An evaluation
+runs its extractor once over each image set (:func:`extract`); every number is then
+``calculate_metrics`` over those features, through ``diffpipe-features``, a registered extractor
+that hands torch-fidelity the precomputed feature rows as they are (in float64). So the intervals
+and the floor, which need the metrics on many subsets, never extract features again.
 
 Two feature extractors:
 
@@ -19,7 +26,6 @@ The tests check these numbers against independent float64 implementations of the
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -29,16 +35,17 @@ from typing import Any
 import torch
 import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.metric_fid import (
+from torch.utils.data import DataLoader, Dataset
+from torch_fidelity import (
+    KEY_METRIC_F_SCORE,
     KEY_METRIC_FID,
-    fid_features_to_statistics,
-    fid_statistics_to_metric,
+    KEY_METRIC_ISC_MEAN,
+    KEY_METRIC_KID_MEAN,
+    KEY_METRIC_PRECISION,
+    KEY_METRIC_RECALL,
+    FeatureExtractorBase,
+    FeatureExtractorInceptionV3,
 )
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from diffusion_core.config import EvaluationConfig
 from diffusion_core.evaluation.judge import load_classifier
@@ -46,6 +53,7 @@ from diffusion_core.io import WeightsError, fetch_weights
 
 DOMAIN = "diffpipe-domain"  # torch-fidelity's registry name of the domain classifier
 INCEPTION = "inception-v3-compat"
+FEATURES = "diffpipe-features"  # torch-fidelity's registry name of precomputed features
 EXTRACTORS = {"domain": DOMAIN, "inception-v3-compat": INCEPTION}  # config name -> registry name
 ENGINE = f"torch-fidelity {torch_fidelity.__version__}"
 MIN_IMAGES = 4  # per side: precision/recall needs a 3rd nearest neighbour besides the sample
@@ -117,13 +125,62 @@ class DomainFeatureExtractor(FeatureExtractorBase):  # type: ignore[misc]
         return tuple(out[k] for k in self.features_list)
 
 
-def register_domain_extractor() -> None:
-    """Register ``diffpipe-domain`` with torch-fidelity (once per process)."""
-    if DOMAIN not in FEATURE_EXTRACTORS_REGISTRY:
-        torch_fidelity.register_feature_extractor(DOMAIN, DomainFeatureExtractor)
+class FeatureRows(Dataset[Tensor]):
+    """The rows of an (N, D) feature matrix, in float64, as a torch-fidelity input."""
+
+    def __init__(self, features: Tensor) -> None:
+        if features.ndim != 2:
+            raise ValueError(f"expected (N, D) features, got {tuple(features.shape)}")
+        self.features = features.detach().cpu().double()
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.features[i]
 
 
-register_domain_extractor()
+class PrecomputedFeatures(FeatureExtractorBase):  # type: ignore[misc]
+    """Features that were already extracted, passed on unchanged: the one layer ``features``
+    serves every metric."""
+
+    def __init__(self, name: str, features_list: list[str], **kwargs: Any) -> None:
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("features",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "features"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> None:
+        return None
+
+    def forward(self, x: Tensor) -> tuple[Tensor]:
+        return (x,)
+
+
+# Registry name -> class, for extracting features ourselves (torch-fidelity registers Inception).
+EXTRACTOR_CLASSES: dict[str, type[FeatureExtractorBase]] = {
+    DOMAIN: DomainFeatureExtractor,
+    INCEPTION: FeatureExtractorInceptionV3,
+}
+
+
+def _register(name: str, cls: type[FeatureExtractorBase]) -> None:
+    with contextlib.suppress(ValueError):  # already registered: this module was loaded again
+        torch_fidelity.register_feature_extractor(name, cls)
+
+
+_register(DOMAIN, DomainFeatureExtractor)
+_register(FEATURES, PrecomputedFeatures)
 
 
 @dataclass(frozen=True)
@@ -138,6 +195,10 @@ class Extractor:
     def rgb(self) -> bool:
         return self.name == INCEPTION
 
+    def layer(self, metric: str) -> str:
+        """The extractor's layer for ``metric`` (``isc``, ``fid``, ``kid`` or ``prc``)."""
+        return str(EXTRACTOR_CLASSES[self.name].get_default_feature_layer_for_metric(metric))
+
 
 def inception_extractor(ec: EvaluationConfig, cache_dir: Path) -> Extractor:
     """The configured Inception weights, fetched and verified."""
@@ -149,29 +210,63 @@ def inception_extractor(ec: EvaluationConfig, cache_dir: Path) -> Extractor:
     return Extractor(INCEPTION, path, sha)
 
 
+def extract(
+    images: Tensor,
+    extractor: Extractor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> dict[str, Tensor]:
+    """The extractor's layers for the Inception Score and FID on uint8 images (or volumes), by
+    layer name: one pass of the registered extractor class on ``device``, as torch-fidelity
+    would run it; the features come back on the CPU."""
+    layers = sorted({extractor.layer("isc"), extractor.layer("fid")})
+    cls = EXTRACTOR_CLASSES[extractor.name]
+    net = cls(extractor.name, layers, feature_extractor_weights_path=str(extractor.weights_path))
+    device = torch.device(device)
+    net = net.requires_grad_(False).eval().to(device)
+    parts: list[tuple[Tensor, ...]] = []
+    with torch.no_grad():
+        for batch in DataLoader(UInt8Images(images, rgb=extractor.rgb), batch_size=batch_size):
+            parts.append(tuple(t.cpu() for t in net(batch.to(device))))
+    return {layer: torch.cat([p[i] for p in parts]) for i, layer in enumerate(layers)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics on features (torch-fidelity's implementations).
 
 
+def _metrics(first: Tensor, second: Tensor | None, options: dict[str, Any]) -> dict[str, float]:
+    """``calculate_metrics`` with ``options`` on precomputed features (one batch, no cache)."""
+    out = torch_fidelity.calculate_metrics(
+        input1=FeatureRows(first),
+        input2=None if second is None else FeatureRows(second),
+        feature_extractor=FEATURES,
+        batch_size=max(len(first), 0 if second is None else len(second)),
+        cuda=False,
+        cache=False,
+        save_cpu_ram=True,  # no DataLoader worker processes
+        verbose=False,
+        **options,
+    )
+    return {k: float(v) for k, v in out.items()}
+
+
 def fid(f1: Tensor, f2: Tensor) -> float:
     """torch-fidelity's FID (eigenvalues of S1 S2) on features, in float64."""
-    s1, s2 = fid_features_to_statistics(f1.double()), fid_features_to_statistics(f2.double())
-    return float(fid_statistics_to_metric(s1, s2, False)[KEY_METRIC_FID])
+    return _metrics(f1, f2, {"fid": True})[KEY_METRIC_FID]
 
 
 def kid(f1: Tensor, f2: Tensor, *, subsets: int = 100, seed: int = 0) -> float:
     """torch-fidelity's KID: the mean unbiased MMD^2 (cubic kernel) over ``subsets`` random subsets
     of min(n1, n2, 1000) samples from each set."""
-    return float(
-        kid_features_to_metric(
-            f1.double(),
-            f2.double(),
-            kid_subsets=subsets,
-            kid_subset_size=min(len(f1), len(f2), 1000),
-            rng_seed=seed,
-            verbose=False,
-        )[KEY_METRIC_KID_MEAN]
-    )
+    options = {
+        "kid": True,
+        "kid_subsets": subsets,
+        "kid_subset_size": min(len(f1), len(f2), 1000),
+        "rng_seed": seed,
+    }
+    return _metrics(f1, f2, options)[KEY_METRIC_KID_MEAN]
 
 
 def precision_recall(
@@ -179,10 +274,9 @@ def precision_recall(
 ) -> dict[str, float]:
     """torch-fidelity's improved precision/recall (Kynkaanniemi et al. 2019): precision is the share
     of generated samples inside some reference sample's k-NN ball, recall the converse."""
-    out = prc_features_to_metric(
-        generated.double(), reference.double(), prc_neighborhood=neighborhood, verbose=False
-    )
-    return {k: float(v) for k, v in out.items()}
+    out = _metrics(generated, reference, {"prc": True, "prc_neighborhood": neighborhood})
+    keys = {KEY_METRIC_PRECISION: "precision", KEY_METRIC_RECALL: "recall"}
+    return {name: out[key] for key, name in (keys | {KEY_METRIC_F_SCORE: "f_score"}).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,54 +340,32 @@ def calculate(
     batch_size: int = 64,
     seed: int = 0,
 ) -> FidelityResult:
-    """``torch_fidelity.calculate_metrics`` (IS on ``generated``; FID, KID and precision/recall of
-    ``generated`` against ``reference``) on uint8 images, and the features it extracted.
+    """torch-fidelity's Inception Score of ``generated`` and its FID, KID and precision/recall of
+    ``generated`` against ``reference`` (uint8 images or volumes), with the features behind them.
 
-    The features are read back from torch-fidelity's feature cache, kept in a temporary directory
-    for this call only (its cache keys carry no content hash, so a shared cache could serve stale
-    features). The Inception Score uses one split of all samples. Features are extracted on
-    ``device`` (torch-fidelity's ``cuda`` on the current CUDA device, set to ``device``).
+    The extractor runs once per set (:func:`extract`, on ``device``); ``calculate_metrics`` then
+    works on those features. The Inception Score uses one split of all samples; KID uses subsets of
+    min(n1, n2, 1000) samples.
     """
-    device = torch.device(device)
-    on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     if min(len(generated), len(reference)) < MIN_IMAGES:
         raise ValueError(
             f"need >= {MIN_IMAGES} images per side (precision/recall uses each sample's 3rd "
             f"nearest neighbour), got {len(generated)} and {len(reference)}"
         )
-    with tempfile.TemporaryDirectory() as cache, on_gpu:
-        raw = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(generated, rgb=extractor.rgb),
-            input2=UInt8Images(reference, rgb=extractor.rgb),
-            cuda=device.type == "cuda",
-            batch_size=batch_size,
-            isc=True,
-            fid=True,
-            kid=True,
-            prc=True,
-            feature_extractor=extractor.name,
-            feature_extractor_weights_path=str(extractor.weights_path),
-            isc_splits=1,
-            kid_subset_size=min(len(generated), len(reference), 1000),
-            cache=True,
-            cache_root=cache,
-            input1_cache_name="generated",
-            input2_cache_name="reference",
-            save_cpu_ram=True,
-            rng_seed=seed,
-            verbose=False,
-        )
-        cls = FEATURE_EXTRACTORS_REGISTRY[extractor.name]
-        layers = {cls.get_default_feature_layer_for_metric(m) for m in ("isc", "fid")}
-        sides = {}
-        for side in ("generated", "reference"):
-            sides[side] = {
-                layer: torch.load(Path(cache) / f"{side}-{extractor.name}-features-{layer}.pt")
-                for layer in layers
-            }
-    return FidelityResult(
-        {k: float(v) for k, v in raw.items()}, sides["generated"], sides["reference"]
-    )
+    gen = extract(generated, extractor, device=device, batch_size=batch_size)
+    ref = extract(reference, extractor, device=device, batch_size=batch_size)
+    layer = extractor.layer("fid")  # also KID's and precision/recall's, for both extractors
+    options = {
+        "fid": True,
+        "kid": True,
+        "prc": True,
+        "kid_subset_size": min(len(generated), len(reference), 1000),
+        "rng_seed": seed,
+    }
+    raw = _metrics(gen[layer], ref[layer], options)
+    isc = {"isc": True, "isc_splits": 1, "rng_seed": seed}
+    raw |= _metrics(gen[extractor.layer("isc")], None, isc)
+    return FidelityResult(raw, gen, ref)
 
 
 def _around(centre: float, interval: tuple[float, float]) -> tuple[float, float]:
@@ -328,11 +400,10 @@ def score(
     ratio; KID's floor is near zero, so it is compared as a difference.
     """
     tf = calculate(generated, reference, extractor, device=device, batch_size=batch_size, seed=seed)
-    cls = FEATURE_EXTRACTORS_REGISTRY[extractor.name]
-    layer = cls.get_default_feature_layer_for_metric("fid")
+    layer = extractor.layer("fid")
     g, r = tf.generated[layer], tf.reference[layer]
     kid_one = partial(kid, subsets=1, seed=seed)
-    fid_c, kid_c = tf.raw["frechet_inception_distance"], tf.raw["kernel_inception_distance_mean"]
+    fid_c, kid_c = tf.raw[KEY_METRIC_FID], tf.raw[KEY_METRIC_KID_MEAN]
     fid_lo, fid_hi = _around(
         fid_c, half_sample_interval(fid, g, r, draws=draws, level=level, seed=seed)
     )
@@ -359,10 +430,10 @@ def score(
         "kid_high": kid_hi,
         "kid_half": kid(g[:h], ref_a, seed=seed),
         "kid_floor_half": kid(ref_a, ref_b, seed=seed),
-        "inception_score": tf.raw["inception_score_mean"],
-        "precision": tf.raw["precision"],
-        "recall": tf.raw["recall"],
-        "f_score": tf.raw["f_score"],
+        "inception_score": tf.raw[KEY_METRIC_ISC_MEAN],
+        "precision": tf.raw[KEY_METRIC_PRECISION],
+        "recall": tf.raw[KEY_METRIC_RECALL],
+        "f_score": tf.raw[KEY_METRIC_F_SCORE],
         "precision_floor_half": pr_floor["precision"],
         "recall_floor_half": pr_floor["recall"],
         "num_samples": float(len(g)),

@@ -8,8 +8,9 @@ are set to ``when_required``, since many S3-compatible servers reject the newer 
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from diffusion_core.settings import settings
 
 
 def _has_endpoint(options: dict[str, Any]) -> bool:
@@ -26,7 +27,7 @@ def s3_storage_options(storage_options: dict[str, Any] | None = None) -> dict[st
     instance and listings caches off unless asked for.
     """
     options = dict(storage_options or {})
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = settings().aws_endpoint_url
     if endpoint and not _has_endpoint(options):
         options["endpoint_url"] = endpoint
     if _has_endpoint(options):

@@ -45,6 +45,7 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ import fsspec
 
 from diffusion_core.config import diffpipe_home
 from diffusion_core.io import atomic_path, sha256_bytes, sha256_file
+from diffusion_core.pipeline.batch import run_all
 from diffusion_core.pipeline.errors import (
     ArtefactNotFoundError,
     IntegrityError,
@@ -264,8 +266,9 @@ class ArtefactStore:
     def put_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Store every file under ``local_dir`` below ``prefix``, then commit the directory by
-        writing its manifest last. Returns the files' records, sorted by relative path.
+        """Store every file under ``local_dir`` below ``prefix``, many at once (``run_all``), then
+        commit the directory by writing its manifest last. Returns the files' records, sorted by
+        relative path.
 
         An existing directory at ``prefix`` is uncommitted (manifest removed) first; after the
         commit, files of the old manifest that are not in the new one are removed. Other keys
@@ -298,7 +301,7 @@ class ArtefactStore:
             old_files = set()
         # readers stop seeing an old version before any of its files change
         self._remove_file(manifest_key, "put_dir")
-        records = [self.put_file(f"{prefix}/{rel}", source / rel) for rel in rels]
+        records = run_all([partial(self.put_file, f"{prefix}/{rel}", source / rel) for rel in rels])
         manifest = {
             "files": {
                 rel: {"sha256": rec.sha256, "size": rec.size}
@@ -411,20 +414,20 @@ class ArtefactStore:
     def get_dir(
         self, prefix: str, local_dir: str | os.PathLike[str]
     ) -> builtins.list[ArtefactRecord]:
-        """Download every file in the manifest of ``prefix`` into ``local_dir``, verifying
-        each sha256 and size. Raises ArtefactNotFoundError when ``prefix`` was never committed,
-        IntegrityError when a file differs from its manifest entry."""
+        """Download every file in the manifest of ``prefix`` into ``local_dir``, many at once,
+        verifying each sha256 and size. Raises ArtefactNotFoundError when ``prefix``
+        was never committed, IntegrityError when a file differs from its manifest entry."""
         prefix = check_key(prefix)
         manifest = self.read_manifest(prefix, operation="get_dir")
         target = Path(local_dir)
         target.mkdir(parents=True, exist_ok=True)
-        records = []
-        for rel, entry in sorted(manifest["files"].items()):
-            records.append(
-                self.get_file(
-                    f"{prefix}/{rel}", target / rel, sha256=entry["sha256"], size=entry["size"]
-                )
+        gets = [
+            partial(
+                self.get_file, f"{prefix}/{rel}", target / rel, sha256=e["sha256"], size=e["size"]
             )
+            for rel, e in sorted(manifest["files"].items())
+        ]
+        records = run_all(gets)
         logger.debug("fetched %s (%d files) into %s", self.url(prefix), len(records), target)
         return records
 

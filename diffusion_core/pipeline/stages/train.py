@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from diffusion_core.pipeline.layout import training_prefix
 from diffusion_core.pipeline.lock import hold
 from diffusion_core.pipeline.stages.dataset import DatasetRef, open_split
 from diffusion_core.pipeline.store import ArtefactStore
+from diffusion_core.settings import settings
 from diffusion_core.training import InitWeights, TrainingError, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,8 @@ class Nodes:
 
     @classmethod
     def from_env(cls) -> Nodes:
-        env = os.environ
-        nodes = cls(
-            int(env.get("DIFFPIPE_NNODES", "1") or 1),
-            int(env.get("DIFFPIPE_NODE_RANK", "0") or 0),
-            env.get("DIFFPIPE_RDZV_ENDPOINT", ""),
-            env.get("DIFFPIPE_RDZV_ID", "") or "diffpipe",
-        )
+        env = settings()
+        nodes = cls(env.nnodes, env.node_rank, env.rdzv_endpoint or "", env.rdzv_id)
         if nodes.count > 1 and not nodes.endpoint:
             raise TrainingError("DIFFPIPE_NNODES > 1 needs DIFFPIPE_RDZV_ENDPOINT (host:port)")
         return nodes
@@ -364,7 +359,7 @@ def main(spec_path: str) -> None:
     fails writes ``error-rank<r>.txt`` (the error the parent reports)."""
     spec = TrainSpec(**json.loads(Path(spec_path).read_text()))
     out = Path(spec.out_dir)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = settings().rank
     try:
         cfg = RunConfig.model_validate(spec.config)
         dataset = DatasetRef.from_json(spec.dataset, dims=cfg.model.dims)
