@@ -12,21 +12,25 @@ step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from diffpipe.flows.configs import resolve_config
+from diffpipe.flows.lifecycle import (
+    RunLifecycle,
+    Target,
+    emit_registered,
+    emit_rejected,
+    model_lock,
+)
 from diffpipe.flows.runners import one_gpu_each, task_runner
-from diffpipe.tasks import artifacts, registry, steps, tracking
+from diffpipe.tasks import artifacts, comparison, registry, steps, tracking
 from prefect import flow, get_run_logger, unmapped
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
 from diffusion_core.config import (
@@ -38,20 +42,15 @@ from diffusion_core.config import (
 )
 from diffusion_core.evaluation.promotion import reevaluable
 from diffusion_core.model import ModelCard
-from diffusion_core.pipeline.errors import RunFailed
 from diffusion_core.pipeline.layout import RunLayout
-from diffusion_core.pipeline.lock import hold
 from diffusion_core.pipeline.stages.dataset import DatasetRef
 from diffusion_core.pipeline.stages.evaluate import Evaluation
 from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
 from diffusion_core.pipeline.stages.report import ReportInputs
 from diffusion_core.pipeline.stages.safety import SafetyRef
 from diffusion_core.pipeline.stages.sample import ShardRef
-from diffusion_core.pipeline.store import ArtefactStore, default_root
+from diffusion_core.pipeline.store import ArtefactStore
 from diffusion_core.sampling import SampleRequest
-
-REGISTERED_EVENT = "diffpipe.model.registered"
-REJECTED_EVENT = "diffpipe.model.rejected"
 
 
 class _InRun(logging.Filter):
@@ -75,141 +74,6 @@ def _ship_library_logs() -> None:
 
 
 _ship_library_logs()
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a run keeps things."""
-
-    artefact_root: str
-    tracking_uri: str
-    work_dir: str
-
-    @classmethod
-    def for_config(cls, cfg: RunConfig) -> Target:
-        return cls(
-            artefact_root=ArtefactStore(cfg.pipeline.artefact_root or default_root()).root,
-            tracking_uri=tracking.tracking_uri(cfg.pipeline.tracking_uri),
-            work_dir=str(diffpipe_home() / "work"),
-        )
-
-
-@dataclass
-class RunLifecycle:
-    """One MLflow run for one flow run: steps are timed, the run ends FINISHED when the block
-    completes and FAILED when it raises (re-raised as RunFailed naming the step)."""
-
-    target: Target
-    run_id: str
-    layout: RunLayout
-    seconds: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    @contextlib.contextmanager
-    def start(
-        cls,
-        target: Target,
-        *,
-        experiment: str,
-        run_name: str,
-        params: dict[str, Any],
-        tags: dict[str, str],
-        evaluation: bool = False,
-    ) -> Iterator[RunLifecycle]:
-        run_id = registry.start_run(
-            target.tracking_uri, experiment, target.artefact_root, run_name, params, tags
-        )
-        layout = RunLayout.evaluation(run_id) if evaluation else RunLayout.pipeline_run(run_id)
-        run = cls(target, run_id, layout)
-        try:
-            yield run
-        except BaseException:
-            registry.end_run(target.tracking_uri, run_id, "FAILED")
-            raise
-        seconds = {f"seconds/{k}": v for k, v in run.seconds.items()}
-        registry.log_metrics(target.tracking_uri, run_id, seconds)
-        registry.end_run(target.tracking_uri, run_id, "FINISHED")
-
-    @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        except RunFailed:
-            raise
-        except Exception as exc:
-            raise RunFailed(name, exc) from exc
-        finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 3)
-
-    def timings(self) -> dict[str, Any]:
-        return {
-            "step_seconds": dict(self.seconds),
-            "wall_seconds": round(time.perf_counter() - self.started, 3),
-        }
-
-
-def emit_registered(
-    model: tracking.ModelRef, target: Target, run_id: str, *, evaluates: bool
-) -> None:
-    """Tell automations a version was registered (payload: name, version, model_uri). The
-    resource label ``diffpipe.evaluation`` says who evaluates it: ``in-flow`` when this flow
-    goes on to evaluate it, ``requested`` when it does not; the evaluate deployment's trigger
-    matches only ``requested``, so no version is evaluated twice."""
-    emit_event(
-        event=REGISTERED_EVENT,
-        resource={
-            "prefect.resource.id": f"diffpipe.model.{model.name}.{model.version}",
-            "prefect.resource.name": model.name,
-            "diffpipe.evaluation": "in-flow" if evaluates else "requested",
-        },
-        payload={
-            "name": model.name,
-            "version": model.version,
-            "model_uri": model.uri,
-            "artefact_root": target.artefact_root,
-            "tracking_uri": target.tracking_uri,
-            "run_id": run_id,
-        },
-    )
-
-
-def emit_rejected(model: tracking.ModelRef, target: Target, decision: dict[str, Any]) -> None:
-    """Tell automations a challenger was not promoted over the champion, and why (the reason
-    and every rule's verdict): ``deployments/automations.yaml`` reacts to it."""
-    emit_event(
-        event=REJECTED_EVENT,
-        resource={
-            "prefect.resource.id": f"diffpipe.model.{model.name}.{model.version}",
-            "prefect.resource.name": model.name,
-        },
-        payload={
-            "name": model.name,
-            "version": model.version,
-            "model_uri": model.uri,
-            "champion": decision["previous_champion"],
-            "reason": decision["reason"],
-            "failed_rules": [r["rule"] for r in decision.get("rules", []) if r["passed"] is False],
-            "tracking_uri": target.tracking_uri,
-        },
-    )
-
-
-@contextlib.contextmanager
-def model_lock(name: str, wait: float) -> Iterator[None]:
-    """One nightly run of model ``name`` at a time on this DIFFPIPE_HOME (LockHeld names the
-    run that holds it, after ``wait`` seconds)."""
-    home = diffpipe_home()
-    context = FlowRunContext.get()
-    flow_run = context.flow_run if context is not None else None
-    owner = {
-        "run": flow_run.name if flow_run else None,
-        "flow_run_id": str(flow_run.id) if flow_run else None,
-    }
-    lock = home / "locks" / f"{name}.lock"
-    with hold(lock, what=f"model {name!r} on {home}", owner=owner, wait=wait):
-        yield
 
 
 @dataclass(frozen=True)
@@ -575,7 +439,7 @@ def evaluate_model(
 @flow(name="compare", log_prints=True)
 def compare_models(model_name: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """The comparison table of every registered version of ``model_name``."""
-    table = tracking.comparison_table(tracking.tracking_uri(tracking_uri), model_name)
+    table = comparison.comparison_table(tracking.tracking_uri(tracking_uri), model_name)
     rows: list[dict[str, Any]] = json.loads(table.to_json(orient="records", date_format="iso"))
     if rows:
         artifacts.publish_comparison(model_name, rows)

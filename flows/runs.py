@@ -101,9 +101,9 @@ def evaluate(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     """Print every registered version of ``--model`` with its metrics, record, aliases and the
     decision the promotion rule gives it against the current champion."""
-    from diffpipe.tasks import tracking
+    from diffpipe.tasks import comparison, tracking
 
-    table = tracking.comparison_table(tracking.tracking_uri(), args.model)
+    table = comparison.comparison_table(tracking.tracking_uri(), args.model)
     if args.columns:
         wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
         unknown = [c for c in wanted if c not in table.columns]

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from diffpipe.tasks import tracking
+from diffpipe.tasks import comparison, tracking
 from diffpipe.tasks.steps import io_retries
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -151,7 +151,7 @@ def compare_promote(
 @task(name="comparison", task_run_name="comparison-{name}", **tracked)
 def comparison_rows(uri: str, name: str) -> list[dict[str, Any]]:
     """The report's comparison table of ``name``'s versions."""
-    return tracking.report_rows(tracking.comparison_table(uri, name))
+    return comparison.report_rows(comparison.comparison_table(uri, name))
 
 
 @task(name="version-aliases", **tracked)

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 from diffpipe.flows.cli import main
-from diffpipe.tasks import tracking
+from diffpipe.tasks import comparison, tracking
 from mlflow import MlflowClient
 
 from diffusion_core.evaluation.promotion import RECORD_KEYS, Champion, decide, record_mismatch
@@ -136,7 +136,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_comparison_table_decisions(registry: str) -> None:
-    table = tracking.comparison_table(registry, "digits")
+    table = comparison.comparison_table(registry, "digits")
     assert list(table["version"]) == [1, 2, 3, 4, 5]
     assert list(table["aliases"]) == ["champion", "", "", "", "challenger"]
     assert list(table["decision"]) == [
@@ -158,11 +158,11 @@ def test_comparison_table_decisions(registry: str) -> None:
     assert list(table["train_steps"]) == [str(100 * i) for i in range(1, 6)]
     assert set(table["run_status"]) == {"FINISHED"}
 
-    fresh = tracking.comparison_table(registry, "fresh")
+    fresh = comparison.comparison_table(registry, "fresh")
     assert list(fresh["decision"]) == ["promote"]
     assert list(fresh["reason"]) == ["no champion yet"]
 
-    rows = tracking.report_rows(table, last=3)
+    rows = comparison.report_rows(table, last=3)
     assert [r["version"] for r in rows] == [3, 4, 5]
     assert rows[0]["FID low"] == 8.5 and rows[2]["FID"] is None
     assert rows[1]["decision"] == "keep champion"
@@ -176,7 +176,7 @@ def test_unevaluated_champion_is_not_comparable(tmp_path: Path) -> None:
     v2 = c.create_model_version("m", "file:///nowhere/2")
     c.set_model_version_tag("m", v2.version, tracking.EVALUATION_TAG, json.dumps(evaluation(1.0)))
     c.set_registered_model_alias("m", "champion", "1")
-    table = tracking.comparison_table(uri, "m")
+    table = comparison.comparison_table(uri, "m")
     assert list(table["decision"]) == ["champion", "keep champion"]
     assert table["reason"][1] == "not comparable: the champion (version 1) was never evaluated"
     assert table["run_name"].isna().all()  # versions without a source run
@@ -264,7 +264,7 @@ def test_names_with_quotes_register_and_compare_through_clients_only(
             uri, run_id, name=name, checkpoint_dir=checkpoint, tags={"k": "v"}
         )
         assert (model.version, model.aliases) == ("1", ["challenger"])
-        table = tracking.comparison_table(uri, name)
+        table = comparison.comparison_table(uri, name)
         assert list(table["version"]) == [1] and list(table["run_id"]) == [run_id]
         assert list(table["aliases"]) == ["challenger"]
         card, weights = tracking.download_model_files(uri, f"models:/{name}@challenger", tmp_path)

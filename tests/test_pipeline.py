@@ -151,9 +151,9 @@ def test_nightly_local_then_rerun(harness, tmp_path):
     assert again["dataset"] == {**summary["dataset"], "cached": True}
     assert again["model"]["version"] == "2"
     assert "challenger" in again["model"]["aliases"]
-    from diffpipe.tasks import tracking
+    from diffpipe.tasks import comparison
 
-    table = tracking.comparison_table(os.environ["MLFLOW_TRACKING_URI"], "tiny")
+    table = comparison.comparison_table(os.environ["MLFLOW_TRACKING_URI"], "tiny")
     assert list(table["version"]) == [1, 2]
     assert table["aliases"].str.contains("champion").sum() == 1
 

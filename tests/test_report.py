@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from PIL import Image
 
 from diffusion_core.io import make_grid
-from diffusion_core.report import plots
+from diffusion_core.report import charts, plots
 from diffusion_core.report.html import (
     ReportData,
     report_link_markdown,
@@ -175,12 +175,12 @@ def test_plot_sample_grid_rgb(tmp_path: Path) -> None:
 
 
 def test_plot_metric_vs_cost(tmp_path: Path) -> None:
-    out = plots.plot_metric_vs_cost(tmp_path / "m.png", SWEEP)
+    out = charts.plot_metric_vs_cost(tmp_path / "m.png", SWEEP)
     assert _varied(_open_png(out))
-    wall = plots.plot_metric_vs_cost(tmp_path / "w.png", SWEEP, cost="wall_seconds")
+    wall = charts.plot_metric_vs_cost(tmp_path / "w.png", SWEEP, cost="wall_seconds")
     _open_png(wall)
     with pytest.raises(ValueError, match="no rows"):
-        plots.plot_metric_vs_cost(tmp_path / "none.png", SWEEP, metric="kid")
+        charts.plot_metric_vs_cost(tmp_path / "none.png", SWEEP, metric="kid")
 
 
 # ----------------------------------------------------------------------------------- report

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from diffusion_core.report import sections
+from diffusion_core.report import comparison, sections
 from diffusion_core.report.data import (
     FIGURE_FILES,
     PROGRESSION_FRACTIONS,
@@ -114,8 +114,8 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         sections.notes_section(report),
         sections.samples_section(report, img_dir),
         sections.figures_section(report, img_dir),
-        sections.comparison_section(report),
-        sections.champion_section(report, img_dir),
+        comparison.comparison_section(report),
+        comparison.champion_section(report, img_dir),
         sections.safety_section(report),
         sections.sweep_section(report, img_dir),
         sections.training_section(report, img_dir),
