@@ -27,7 +27,7 @@ from typing import Any
 
 from diffusion_core.config import SweepSetting, load_config
 from diffusion_core.data import load_dataset, split_dataset
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
 from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
 from diffusion_core.io import sha256_file
@@ -82,7 +82,7 @@ def main() -> None:
     extractor = fidelity.Extractor(
         fidelity.DOMAIN, judge_dir, sha256_file(judge_dir / "weights.safetensors")
     )
-    score = partial(fidelity.score, reference=holdout.images, extractor=extractor, draws=args.draws)
+    score = partial(quality.score, reference=holdout.images, extractor=extractor, draws=args.draws)
     net, card = load_model(args.checkpoint)
     out: dict[str, Any] = {"judge_holdout_accuracy": judge.holdout_accuracy}
 

@@ -343,8 +343,8 @@ class PipelineConfig(StrictModel):
     """MLflow tracking and registry; unset: MLFLOW_TRACKING_URI or SQLite under DIFFPIPE_HOME."""
     model_name: str | None = Field(None, pattern=SAFE_NAME)
     """Registered model name (the characters name allows); unset: the config's name."""
-    num_samples: int = Field(1000, ge=2)
-    """Samples drawn for safety filtering and evaluation."""
+    num_samples: int = Field(1000, ge=2, le=1_000_000)
+    """Samples drawn for safety filtering and evaluation (at most 1,000,000)."""
     shards: int = Field(2, ge=1)
     """Sampling tasks (the samples are the same whatever the sharding)."""
     inpainting: InpaintEvalConfig = InpaintEvalConfig()

@@ -46,6 +46,24 @@ from diffusion_core.text import (
 )
 
 DEFAULT_NUM_SAMPLES = 8  # when a request names neither a count nor labels nor prompts
+MAX_BATCH_SIZE = 4096  # images in one network call; memory grows with it
+MAX_SEED = 9_000_000_000_000  # sample i's noise seed is seed * 10**6 + i: it must fit in int64
+
+
+class RequestTooLarge(ValueError):
+    """A request over the limits (``DIFFPIPE_MAX_SAMPLES``, the model's ``max_samples``)."""
+
+
+def check_size(request: SampleRequest, limit: int) -> None:
+    """Refuse, before any work, a request for more than ``limit`` samples (a count, or labels
+    or prompts one a sample), naming the limit and how to change it."""
+    n = request.count()
+    if n > limit:
+        raise RequestTooLarge(
+            f"num_samples {n} is over the limit of {limit} samples a request "
+            "(DIFFPIPE_MAX_SAMPLES; the MLflow model's model_config max_samples): "
+            "ask in several requests with different seeds"
+        )
 
 
 class SampleRequest(StrictModel):
@@ -61,8 +79,8 @@ class SampleRequest(StrictModel):
     num_samples: int | None = Field(None, ge=1)
     labels: tuple[int, ...] | None = None  # one for all samples, or one each
     prompts: tuple[str, ...] | None = None  # text models: samples cycle through these
-    seed: int = 0
-    batch_size: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH_SIZE)
 
     @classmethod
     def from_config(cls, sc: SampleConfig, **fields: Any) -> SampleRequest:
@@ -77,9 +95,16 @@ class SampleRequest(StrictModel):
         return cls(**(base | fields))
 
     def knobs(self, card: ModelCard) -> SamplingDefaults:
-        """The sampling knobs of this request: its own where given, else the card's."""
+        """The sampling knobs of this request: its own where given, else the card's. More steps
+        than the model's training timesteps is a ValueError naming both."""
         given = {k: getattr(self, k) for k in SAMPLING_KNOBS if getattr(self, k) is not None}
-        return card.sampling.model_copy(update=given)
+        knobs = card.sampling.model_copy(update=given)
+        if knobs.steps > card.diffusion.num_steps:
+            raise ValueError(
+                f"steps {knobs.steps} is more than the model's "
+                f"{card.diffusion.num_steps} training timesteps"
+            )
+        return knobs
 
     def count(self) -> int:
         """How many samples: ``num_samples``, else one per label or prompt given."""

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     ``$PREFECT_HOME``."""
     prefect_home: Path | None = Field(None, alias="PREFECT_HOME")
     """Prefect's own state (unset: ``$DIFFPIPE_HOME/prefect`` for diffpipe's commands)."""
+    max_samples: int = Field(100_000, ge=1, alias="DIFFPIPE_MAX_SAMPLES")
+    """The most samples one request may ask ``diffpipe sample``, ``diffpipe inpaint`` or the
+    MLflow model for (the model's ``model_config`` ``max_samples`` overrides it); larger
+    requests are refused before any work."""
     world_size: int = Field(1, ge=1, alias="WORLD_SIZE")
     """Set by ``torchrun``: the number of training processes."""
     local_rank: int | None = Field(None, ge=0, alias="LOCAL_RANK")

@@ -77,8 +77,8 @@ def _add_library_commands(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("sample", help="draw samples from a checkpoint")
-    _add_sampling_args(p)
+    p = sub.add_parser("sample", help="draw samples from a checkpoint or a registered version")
+    _add_sampling_args(p, registered=True)
     p.add_argument(
         "--num", type=int, help="number of samples (class-balanced; default: one per label, or 64)"
     )

@@ -117,15 +117,21 @@ def train(args: argparse.Namespace) -> int:
 def sample(args: argparse.Namespace) -> int:
     from diffusion_core.distributed import inference_dtype, resolve_device
     from diffusion_core.io import save_grid, write_pngs
-    from diffusion_core.model import load_model
-    from diffusion_core.sampling import SampleRequest, generate
+    from diffusion_core.sampling import SampleRequest, check_size, generate
+    from diffusion_core.settings import settings
 
-    net, card = load_model(args.checkpoint)
-    device = resolve_device(args.device)
-    net = net.to(device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() and out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: a file that is not a .png; give a .png or a folder")
+    if out.suffix.lower() not in ("", ".png"):
+        raise UsageError(f"--out {out}: a grid is written as .png; give a .png or a folder name")
     prompts, knobs = _prompts(args), _sampling(args)
     num = args.num if args.num is not None else None if "labels" in knobs else DEFAULT_NUM
     request = SampleRequest(**knobs, prompts=prompts, num_samples=num)
+    check_size(request, settings().max_samples)  # before the model is loaded
+    net, card = _model(args)
+    device = resolve_device(args.device)
+    net = net.to(device)
     samples = generate(net, card, request, dtype=inference_dtype(device))
     out = Path(args.out)
     if out.suffix.lower() == ".png":
@@ -134,7 +140,8 @@ def sample(args: argparse.Namespace) -> int:
             nrow = min(len(prompts), len(samples.images))
         save_grid(samples.images, out, nrow=nrow, scale=args.scale)
     else:
-        write_pngs(list(samples.images), [f"{i:05d}.png" for i in range(len(samples.images))], out)
+        names = [f"{i:05d}.png" for i in range(len(samples.images))]
+        write_pngs(list(samples.images), names, out)
     if samples.prompts is not None:  # sample i's prompt on line i
         listing = out / "prompts.txt" if out.suffix.lower() != ".png" else out.with_suffix(".txt")
         listing.write_text("".join(f"{p}\n" for p in samples.prompts))
@@ -182,20 +189,27 @@ def batch_jobs(image_dir: str | Path, mask: str | Path) -> list[Job]:
     return [Job(p, mask / p.name, f"{p.stem}.png") for p in images]
 
 
-def _inpaint_model(args: argparse.Namespace) -> Any:
+def _model(args: argparse.Namespace) -> Any:
     """The network and card behind ``--model`` (a models:/ URI or a checkpoint directory) or
-    ``--checkpoint``."""
+    ``--checkpoint``. A registered version's default sampling (``diffpipe.sampling``, set by a
+    sampler sweep) replaces its card's."""
+    from diffusion_core.config import SamplingDefaults
     from diffusion_core.model import ModelCard, load_model, load_network
 
-    source = args.model or args.checkpoint
+    source = getattr(args, "model", None) or args.checkpoint
     if not source.startswith("models:/"):
         return load_model(source)
     from diffpipe.tasks import tracking
 
+    uri = tracking.tracking_uri()
     with tempfile.TemporaryDirectory(prefix="diffpipe-model-") as tmp:
-        card_file, weights = tracking.download_model_files(tracking.tracking_uri(), source, tmp)
+        card_file, weights = tracking.download_model_files(uri, source, tmp)
         card = ModelCard.read(card_file)
-        return load_network(card, weights), card
+        net = load_network(card, weights)
+    sampling = tracking.get_sampling(dict(tracking.resolve_version(uri, source).tags))
+    if sampling:
+        card = card.with_sampling(SamplingDefaults.model_validate(sampling))
+    return net, card
 
 
 def inpaint(args: argparse.Namespace) -> int:
@@ -205,7 +219,8 @@ def inpaint(args: argparse.Namespace) -> int:
 
     from diffusion_core.distributed import inference_dtype, resolve_device
     from diffusion_core.io import EXACT, read_image, read_mask, save_grid, write_pngs
-    from diffusion_core.sampling import InpaintRequest, inpaint
+    from diffusion_core.sampling import InpaintRequest, check_size, inpaint
+    from diffusion_core.settings import settings
 
     image, out = Path(args.image), Path(args.out)
     batch = image.is_dir()
@@ -218,7 +233,9 @@ def inpaint(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise UsageError(f"--num must be at least 1, got {args.num}")
     jobs = batch_jobs(image, args.mask) if batch else [Job(image, Path(args.mask), out.name)]
-    net, card = _inpaint_model(args)
+    total = len(jobs) * (args.num or (1 if batch else 8))
+    check_size(InpaintRequest(num_samples=total), settings().max_samples)
+    net, card = _model(args)
     device = resolve_device(args.device)
     net = net.to(device)
     request = InpaintRequest(

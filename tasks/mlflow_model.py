@@ -71,37 +71,49 @@ class DiffusionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):  # type: ignore[no-untyped-def]
         """The network on the device of ``model_config={"device": ...}`` (default: auto, the
-        GPU when there is one)."""
+        GPU when there is one). ``model_config`` may also give ``sampling`` (default knobs in
+        place of the card's: what ``diffpipe.tasks.tracking.load_registered`` passes from the
+        version's ``diffpipe.sampling`` tag) and ``max_samples`` (the request limit)."""
+        from diffusion_core.config import SamplingDefaults
         from diffusion_core.distributed import inference_dtype, resolve_device
         from diffusion_core.model import ModelCard, load_network
+        from diffusion_core.settings import settings
 
         artifacts, options = context.artifacts, dict(context.model_config or {})
         self.card = ModelCard.read(
             artifacts["card"] if "card" in artifacts else artifacts["config"]
         )
+        if options.get("sampling"):  # the version's default sampling (the sweep's choice)
+            sampling = SamplingDefaults.model_validate(options["sampling"])
+            self.card = self.card.with_sampling(sampling)
+        self.max_samples = int(options.get("max_samples") or settings().max_samples)
         self.device = resolve_device(options.get("device", "auto"))
         self.dtype = inference_dtype(self.device, options.get("precision", "auto"))
         self.net = load_network(self.card, artifacts["weights"]).to(self.device)
 
     # No type hints here: MLflow would read them as an input schema for lists of records.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        from diffusion_core.sampling import SampleRequest, generate
+        from diffusion_core.sampling import SampleRequest, check_size, generate
 
         request = _as_request(model_input) | dict(params or {})
         if {"image", "mask"} & set(request):
             return self._inpaint(request)
         parsed = SampleRequest.model_validate(request)
+        check_size(parsed, self.max_samples)
         samples = generate(self.net, self.card, parsed, dtype=self.dtype)
         return samples.images.movedim(1, -1).numpy()  # (N, H, W, C) or (N, D, H, W, C)
 
     def _inpaint(self, request: dict[str, Any]) -> np.ndarray:
         """Complete ``request["image"]`` where ``request["mask"]`` is black; (N, H, W, C)."""
-        from diffusion_core.sampling import InpaintRequest, inpaint, inpaint_inputs
+        from diffusion_core.sampling import InpaintRequest, check_size, inpaint, inpaint_inputs
 
         if "image" not in request or "mask" not in request:
             raise ValueError("an inpainting request needs both 'image' and 'mask'")
-        known, mask = inpaint_inputs(request.pop("image"), request.pop("mask"), self.card)
+        image, mask = request.pop("image"), request.pop("mask")
         parsed = InpaintRequest.model_validate(request)
+        check_size(parsed, self.max_samples)  # before the images are read
+        known, mask = inpaint_inputs(image, mask, self.card)
+        check_size(parsed.model_copy(update={"num_samples": len(known)}), self.max_samples)
         n = parsed.num_samples or len(known)
         if n != len(known):
             if len(known) != 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from diffpipe.tasks import packaging
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
@@ -26,7 +27,7 @@ from mlflow.models import Model
 from diffusion_core import __version__
 from diffusion_core.config import diffpipe_home
 from diffusion_core.evaluation.promotion import Champion
-from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE
+from diffusion_core.model import CARD_FILE, LEGACY_CONFIG_FILE, ModelCard
 from diffusion_core.pipeline.stages.train import Parent
 from diffusion_core.pipeline.store import ArtefactStore
 from diffusion_core.settings import settings
@@ -160,8 +161,10 @@ def register_model(
 ) -> ModelRef:
     """Log the pyfunc (from code) with the checkpoint's EMA weights and model card as the run's
     logged model (saved locally, then uploaded by the client: ``mlflow.pyfunc.log_model`` needs
-    the global tracking URI), register it as a new version of ``name``, alias ``challenger``."""
+    the global tracking URI), register it as a new version of ``name``, alias ``challenger``.
+    The model carries its code and public requirements (``packaging``): it installs anywhere."""
     checkpoint_dir = Path(checkpoint_dir)
+    card = ModelCard.read(checkpoint_dir / CARD_FILE)
     c = client(uri)
     logged = c.create_logged_model(
         c.get_run(run_id).info.experiment_id, name="model", source_run_id=run_id
@@ -175,7 +178,10 @@ def register_model(
                 "weights": str(checkpoint_dir / "ema.safetensors"),
                 "card": str(checkpoint_dir / CARD_FILE),
             },
-            pip_requirements=["diffpipe", "torch==2.14.1", "safetensors"],
+            code_paths=packaging.code_paths(),
+            pip_requirements=packaging.pip_requirements(card),
+            signature=packaging.signature(),
+            input_example=packaging.input_example(card),
             mlflow_model=Model(
                 artifact_path=logged.artifact_location,
                 run_id=run_id,
@@ -325,6 +331,21 @@ def set_sampling(uri: str, model: ModelRef, sampling: dict[str, Any]) -> None:
 
 def get_sampling(tags: dict[str, str]) -> dict[str, Any] | None:
     return json.loads(tags[SAMPLING_TAG]) if SAMPLING_TAG in tags else None
+
+
+def load_registered(
+    model_uri: str, uri: str | None = None, **model_config: Any
+) -> mlflow.pyfunc.PyFuncModel:
+    """``mlflow.pyfunc.load_model`` of a registered version (``models:/name/3`` or
+    ``models:/name@champion``) with the version's default sampling (``diffpipe.sampling``, set
+    by a sweep) in its ``model_config``; ``model_config`` adds to it (device, max_samples).
+    ``uri`` is the tracking URI (default: ``tracking_uri()``)."""
+    uri = uri or tracking_uri()
+    v = resolve_version(uri, model_uri)
+    sampling = get_sampling(dict(v.tags))
+    config = ({"sampling": sampling} if sampling else {}) | model_config
+    source = client(uri).get_model_version_download_uri(v.name, v.version)
+    return mlflow.pyfunc.load_model(source, model_config=config or None)
 
 
 def checkpoint_in_store(uri: str, name: str, version: str, artefact_root: str) -> Parent:

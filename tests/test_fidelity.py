@@ -15,7 +15,7 @@ from scipy import linalg
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from diffusion_core.config import EvaluationConfig
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import SmallCNN, TrainedClassifier, save_classifier
 from diffusion_core.io import sha256_file
 from tests import oracles as metrics
@@ -138,7 +138,7 @@ def test_score_floor_intervals_and_self_comparison(domain_dir):
     path, net = domain_dir
     ex = fidelity.Extractor(fidelity.DOMAIN, path, "x" * 64)
     reference, generated = images(100, seed=2), images(40, seed=3) // 2
-    m = fidelity.score(generated, reference, ex, draws=30)
+    m = quality.score(generated, reference, ex, draws=30)
     with torch.no_grad():
         fg, fr = net.features(generated), net.features(reference)
     assert m["fid"] == pytest.approx(metrics.frechet_distance(fg, fr), rel=1e-4)
@@ -167,7 +167,7 @@ def test_score_runs_the_extractor_once_per_image(domain_dir, monkeypatch):
 
     monkeypatch.setattr(fidelity.DomainFeatureExtractor, "forward", counting)
     ex = fidelity.Extractor(fidelity.DOMAIN, path, "x" * 64)
-    fidelity.score(images(40, seed=3), images(100, seed=2), ex, draws=5, batch_size=32)
+    quality.score(images(40, seed=3), images(100, seed=2), ex, draws=5, batch_size=32)
     assert sum(seen) == 140
 
 

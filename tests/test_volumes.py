@@ -24,7 +24,7 @@ from diffusion_core.data.volumes import (
     mid_slices,
     shape_mask,
 )
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import save_classifier, train_classifier
 from diffusion_core.evaluation.volumes import fill_ratio, occupancy, volume_statistics
 from diffusion_core.model import ModelCard
@@ -360,7 +360,7 @@ def judged(tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageDataset, Imag
         """What the pipeline measures of volumes: the common fidelity path on the 3-D judge's
         features, and the volume statistics."""
         extractor = fidelity.Extractor(fidelity.DOMAIN, folder, "judge")
-        scores = fidelity.score(images, holdout.images, extractor, draws=10)
+        scores = quality.score(images, holdout.images, extractor, draws=10)
         return scores | volume_statistics(images, labels, holdout, judge)
 
     return train, holdout, judge, metrics

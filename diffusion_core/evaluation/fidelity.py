@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,6 @@ from torch.utils.data import DataLoader, Dataset
 from torch_fidelity import (
     KEY_METRIC_F_SCORE,
     KEY_METRIC_FID,
-    KEY_METRIC_ISC_MEAN,
     KEY_METRIC_KID_MEAN,
     KEY_METRIC_PRECISION,
     KEY_METRIC_RECALL,
@@ -366,77 +364,3 @@ def calculate(
     isc = {"isc": True, "isc_splits": 1, "rng_seed": seed}
     raw |= _metrics(gen[extractor.layer("isc")], None, isc)
     return FidelityResult(raw, gen, ref)
-
-
-def _around(centre: float, interval: tuple[float, float]) -> tuple[float, float]:
-    """The interval's half-width around torch-fidelity's own estimate (the half-sample centre is
-    the same statistic computed in float64, or one KID subset rather than the mean of 100)."""
-    half_width = (interval[1] - interval[0]) / 2
-    return centre - half_width, centre + half_width
-
-
-def score(
-    generated: Tensor,
-    reference: Tensor,
-    extractor: Extractor,
-    *,
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    draws: int = 100,
-    level: float = 0.95,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Every number of one evaluation: torch-fidelity's FID, KID, IS and precision/recall, with
-    intervals for FID and KID, and the real-vs-real floor.
-
-    Intervals: the half-sample scheme of ``metrics.half_sample_interval`` (normal interval whose
-    width comes from random halves of both sets drawn without replacement), not the plain
-    bootstrap: resampling with replacement duplicates samples, which biases FID and KID upwards,
-    so a percentile bootstrap interval can miss the estimate altogether.
-
-    The floor: the reference set split in two disjoint halves, compared with each other at the
-    same sample count h = min(generated, reference // 2) as ``fid_half`` (and ``kid_half``), the
-    generated set's first h samples against the first half. ``fid_half_over_floor`` is the fair
-    ratio; KID's floor is near zero, so it is compared as a difference.
-    """
-    tf = calculate(generated, reference, extractor, device=device, batch_size=batch_size, seed=seed)
-    layer = extractor.layer("fid")
-    g, r = tf.generated[layer], tf.reference[layer]
-    kid_one = partial(kid, subsets=1, seed=seed)
-    fid_c, kid_c = tf.raw[KEY_METRIC_FID], tf.raw[KEY_METRIC_KID_MEAN]
-    fid_lo, fid_hi = _around(
-        fid_c, half_sample_interval(fid, g, r, draws=draws, level=level, seed=seed)
-    )
-    kid_lo, kid_hi = _around(
-        kid_c, half_sample_interval(kid_one, g, r, draws=draws, level=level, seed=seed)
-    )
-    # The floor: two disjoint halves of the reference, at the generated half's sample count.
-    h = min(len(g), len(r) // 2)
-    if h < MIN_IMAGES:
-        raise ValueError(f"{len(r)} reference images: too few to split for the real-vs-real floor")
-    perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
-    ref_a, ref_b = r[perm[:h]], r[perm[h : 2 * h]]
-    floor, fid_half = fid(ref_a, ref_b), fid(g[:h], ref_a)
-    pr_floor = precision_recall(ref_b, ref_a)
-    return {
-        "fid": fid_c,
-        "fid_low": fid_lo,
-        "fid_high": fid_hi,
-        "fid_half": fid_half,
-        "fid_floor_half": floor,
-        "fid_half_over_floor": fid_half / floor if floor > 0 else float("inf"),
-        "kid": kid_c,
-        "kid_low": kid_lo,
-        "kid_high": kid_hi,
-        "kid_half": kid(g[:h], ref_a, seed=seed),
-        "kid_floor_half": kid(ref_a, ref_b, seed=seed),
-        "inception_score": tf.raw[KEY_METRIC_ISC_MEAN],
-        "precision": tf.raw[KEY_METRIC_PRECISION],
-        "recall": tf.raw[KEY_METRIC_RECALL],
-        "f_score": tf.raw[KEY_METRIC_F_SCORE],
-        "precision_floor_half": pr_floor["precision"],
-        "recall_floor_half": pr_floor["recall"],
-        "num_samples": float(len(g)),
-        "num_reference": float(len(r)),
-        "num_half": float(h),
-    }

@@ -75,6 +75,7 @@ class ReportData:
     figures: list[tuple[str, Tensor, Tensor | None, str]] = field(default_factory=list)
     # Challenger and champion drawn with the same seeds and labels: (challenger, champion, labels).
     side_by_side: tuple[Tensor, Tensor, Tensor | None] | None = None
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # quality.class_rows
     champion_version: str | None = None
 
 

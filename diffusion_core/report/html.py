@@ -111,6 +111,7 @@ def write_report(out_dir: Path, report: ReportData) -> Path:
         (img_dir / name).unlink(missing_ok=True)
     candidates = [
         sections.metrics_section(report),
+        sections.per_class_section(report),
         sections.notes_section(report),
         sections.samples_section(report, img_dir),
         sections.figures_section(report, img_dir),

@@ -151,6 +151,18 @@ def metrics_section(report: ReportData) -> Section | None:
     return Section("metrics", "Metrics", lead + cards + table)
 
 
+def per_class_section(report: ReportData) -> Section | None:
+    """FID with its interval, precision and recall of each class against its own references."""
+    if not report.per_class:
+        return None
+    lead = (
+        '<p class="lead">Each class\'s samples against the reference images of that class, on '
+        "the same features: a class far above the others is one the model has not learned as "
+        "well. With few references a class, the intervals are wide.</p>"
+    )
+    return Section("per-class", "Quality by class", lead + _dict_rows_table(report.per_class))
+
+
 def notes_section(report: ReportData) -> Section | None:
     if not report.notes:
         return None

@@ -21,7 +21,7 @@ from diffusion_core.config import (
     diffpipe_home,
 )
 from diffusion_core.distributed import resolve_device
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import TrainedClassifier, save_classifier
 from diffusion_core.evaluation.promotion import reference_record, sampling_record
 from diffusion_core.pipeline.modality import modality
@@ -97,7 +97,7 @@ def evaluate_samples(
     labels = published["labels"][:n] if "labels" in published else None
     with tempfile.TemporaryDirectory() as tmp:
         extractor, judge = evaluation_extractor(store, dataset, ec, Path(tmp), device)
-        metrics = fidelity.score(
+        metrics = quality.score(
             images,
             holdout.images,
             extractor,
@@ -106,6 +106,7 @@ def evaluate_samples(
             draws=ec.interval_draws,
             level=ec.interval_level,
             seed=seed,
+            labels=None if labels is None or holdout.labels is None else (labels, holdout.labels),
         )
     metrics["judge_holdout_accuracy"] = judge.holdout_accuracy
     if labels is not None:

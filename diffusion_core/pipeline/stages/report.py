@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_core.config import DiffusionConfig
+from diffusion_core.evaluation.quality import CLASS_METRICS, class_rows
 from diffusion_core.pipeline.modality import modality
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
 from diffusion_core.pipeline.stages.inpaint import read_inpainting
@@ -67,7 +68,12 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         model_name=inputs.model_name,
         model_version=inputs.model_version,
         config=inputs.config,
-        metrics={k: v for k, v in inputs.metrics.items() if not k.endswith(("_low", "_high"))},
+        metrics={
+            k: v
+            for k, v in inputs.metrics.items()
+            if not k.endswith(("_low", "_high")) and not k.startswith(CLASS_METRICS)
+        },
+        per_class=class_rows(inputs.metrics, inputs.dataset.class_names),
         intervals=intervals,
         history=inputs.history,
         samples=kind.report_samples(published["images"]),

@@ -13,7 +13,7 @@ from typing import Any
 
 from diffusion_core.config import DEFAULT_RUNTIME, EvaluationConfig, RuntimeConfig
 from diffusion_core.distributed import inference_dtype, resolve_device
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import quality
 from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
 from diffusion_core.pipeline.stages.evaluate import evaluation_extractor, evaluation_reference
@@ -52,7 +52,7 @@ def sweep_samplers(
     with tempfile.TemporaryDirectory() as tmp:
         extractor, _ = evaluation_extractor(store, dataset, ec, Path(tmp), device)
         score = partial(
-            fidelity.score,
+            quality.score,
             reference=holdout.images,
             extractor=extractor,
             device=device,
