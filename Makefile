@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 CONFIG ?= configs/quickstart.yaml
 export DIFFPIPE_HOME ?= $(CURDIR)/.diffpipe
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-scenarios lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ run: $(VENV)/.run
 	@echo "summary: $(DIFFPIPE_HOME)/last-run.json"
 
 test: $(VENV)/.dev
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not scenario"
+
+# Long end-to-end scenarios on real servers (PostgreSQL, a Prefect server, three nights).
+test-scenarios: $(VENV)/.dev
+	$(VENV)/bin/pytest -m scenario
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

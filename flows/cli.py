@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, get_args
 
@@ -248,8 +249,24 @@ def _bad_input() -> tuple[type[BaseException], ...]:
 
 
 def _report(exc: BaseException) -> int:
-    """Print what went wrong and return the exit code that says what kind of failure it was."""
+    """Print what went wrong and return the exit code that says what kind of failure it was
+    (with the path of the log file that holds the traceback, when the command keeps one)."""
+    code = _describe(exc)
+    log_file = runs.LOG_FILE
+    if code is None:  # not a failure we know: the traceback goes to a file, never the console
+        log_file = log_file or runs.crash_log()
+        with open(log_file, "a") as f:
+            f.write("".join(traceback.format_exception(exc)))
+        print(f"diffpipe: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    if log_file is not None:
+        print(f"diffpipe: the full log, with the traceback: {log_file}", file=sys.stderr)
+    return code
+
+
+def _describe(exc: BaseException) -> int | None:
     from diffusion_core.pipeline.errors import RunFailed, StorageError
+    from diffusion_core.pipeline.lock import LockHeld
     from diffusion_core.training import TrainingError
 
     if isinstance(exc, RunFailed):
@@ -260,6 +277,9 @@ def _report(exc: BaseException) -> int:
         kind = "storage failed" if isinstance(cause, StorageError) else "run failed"
         print(f"diffpipe: {kind} in step {exc.step}: {cause}", file=sys.stderr)
         return EXIT_FAILED
+    if isinstance(exc, LockHeld):
+        print(f"diffpipe: not started: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if isinstance(exc, TrainingError):
         print(f"diffpipe: training failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -269,7 +289,7 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, (*_bad_input(), ValueError)):
         print(f"diffpipe: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    raise exc
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

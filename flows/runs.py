@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,58 @@ def prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class _NoTraceback(logging.Formatter):
+    """A console formatter that leaves tracebacks out (they go to the log file)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+LOG_FILE: Path | None = None  # this command's log file, once ``log_to_file`` ran
+
+
+def log_to_file(command: str) -> Path:
+    """Everything this command logs, tracebacks included, also goes to
+    ``$DIFFPIPE_HOME/logs/<command>-<time>.log``; the console keeps one line a record. The CLI's
+    error message gives the file's path."""
+    global LOG_FILE
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect's handlers exist from here on; adjusted below
+
+    folder = diffpipe_home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("prefect", "diffusion_core", "diffpipe"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+    names = ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "diffusion_core", "diffpipe")
+    for logger in (logging.getLogger(n) for n in names):
+        for h in logger.handlers:
+            if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler):
+                h.setFormatter(_NoTraceback(h.formatter))
+    LOG_FILE = path
+    return path
+
+
+def crash_log() -> Path:
+    """A new log file for a command that kept none, for the traceback of an unexpected error."""
+    folder = diffpipe_home() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -65,6 +119,7 @@ def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load(args)  # parsed once, before anything starts
     prefect_env()
+    log_to_file("run")
     from diffpipe.flows.pipeline import nightly
 
     _finish(nightly(config=cfg), args)
@@ -92,6 +147,7 @@ def evaluate(args: argparse.Namespace) -> int:
     evaluation = _evaluation_section(args.evaluation)  # validated before anything starts
     cfg = load(args) if args.config else None
     prefect_env()
+    log_to_file("evaluate")
     from diffpipe.flows.pipeline import evaluate_model
 
     _finish(evaluate_model(model_uri=args.model, config=cfg, evaluation=evaluation), args)

@@ -15,7 +15,9 @@ from diffpipe.flows.cli import main
 from diffpipe.tasks import comparison, tracking
 from mlflow import MlflowClient
 
+from diffusion_core.config import RunConfig
 from diffusion_core.evaluation.promotion import RECORD_KEYS, Champion, decide, record_mismatch
+from tests.conftest import TINY, card_for
 
 RECORD: dict[str, Any] = {
     "engine": "torch-fidelity 0.4.0",
@@ -252,7 +254,8 @@ def test_names_with_quotes_register_and_compare_through_clients_only(
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     (checkpoint / "ema.safetensors").write_bytes(b"weights")
-    (checkpoint / "card.json").write_text('{"card": true}')
+    card_json = card_for(RunConfig.model_validate(TINY)).to_json()
+    (checkpoint / "card.json").write_text(card_json)
     run_id = tracking.start_run(
         uri, "quotes", (tmp_path / "artefacts").as_uri(), run_name="r", params={}, tags={}
     )
@@ -268,7 +271,7 @@ def test_names_with_quotes_register_and_compare_through_clients_only(
         assert list(table["version"]) == [1] and list(table["run_id"]) == [run_id]
         assert list(table["aliases"]) == ["challenger"]
         card, weights = tracking.download_model_files(uri, f"models:/{name}@challenger", tmp_path)
-        assert card.read_text() == '{"card": true}' and weights.read_bytes() == b"weights"
+        assert card.read_text() == card_json and weights.read_bytes() == b"weights"
         assert c.get_model_version(name, "1").tags == {"k": "v"}
     # the run lists its logged model; nothing went to the global tracking URI
     assert len(c.get_run(run_id).outputs.model_outputs) == 3

@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import free_port
 from tests.test_pipeline import PIPELINE_TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from tests.conftest import free_port
 from tests.test_deployments import REPO, drain_prefect_workers, wait_for
 from tests.test_pipeline import PIPELINE_TINY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 PREFECT = [sys.executable, "-m", "prefect"]
 MLFLOW = [sys.executable, "-m", "mlflow"]

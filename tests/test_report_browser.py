@@ -173,7 +173,15 @@ def test_report_renders_in_chromium(report_dir: Path, tmp_path: Path) -> None:
     assert seen.problems == []
     assert seen.title == "quickstart v3"
     # every figure, decoded by the browser at the size of the PNG on disk
-    names = ["samples", "sweep_nfe", "sweep_wall", "loss", "schedules", "noise_progression"]
+    names = [
+        "samples",
+        "metric_trend",
+        "sweep_nfe",
+        "sweep_wall",
+        "loss",
+        "schedules",
+        "noise_progression",
+    ]
     assert [i["src"] for i in seen.images] == [f"img/{n}.png" for n in names]
     for img in seen.images:
         with Image.open(report_dir / img["src"]) as png:
