@@ -136,8 +136,8 @@ class TrainConfig(StrictModel):
     """CPU threads for torch; unset: torch's default."""
 
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
-Spacing = Literal["leading", "trailing", "linspace"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun", "unipc"]
+Spacing = Literal["leading", "trailing", "linspace", "karras"]
 Variance = Literal["fixed_small", "fixed_large"]
 
 
@@ -146,11 +146,13 @@ class SamplingDefaults(StrictModel):
     card carries (``diffusion_core.model.ModelCard.sampling``)."""
 
     sampler: SamplerName = "ddim"
-    """ddpm, ddim or dpmpp_2m (DPM-Solver++(2M))."""
+    """ddpm, ddim, dpmpp_2m (DPM-Solver++(2M)), euler, euler_ancestral, heun (EDM's 2nd-order,
+    2 x steps - 1 network evaluations) or unipc (UniPC-2)."""
     steps: int = Field(50, ge=1)
-    """Sampling steps (one network evaluation each; a guided step is one 2B batch)."""
+    """Sampling steps (one network evaluation each, heun's two; a guided step is one 2B batch)."""
     spacing: Spacing = "leading"
-    """How the steps are spread over the training timesteps."""
+    """How the steps are spread over the training timesteps: leading, trailing, linspace, or
+    karras (EDM's sigmas, rho = 7, over the schedule's whole range)."""
     guidance_scale: float = Field(1.0, ge=0.0)
     """Classifier-free guidance scale (1: none)."""
     eta: float = Field(0.0, ge=0.0)
@@ -318,6 +320,8 @@ class SweepSetting(StrictModel):
     """The sampler."""
     steps: int = Field(ge=1)
     """Its steps."""
+    spacing: Spacing | None = None
+    """Its timestep spacing; unset: the model's (or the sample section's)."""
 
 
 EvaluationExtractor = Literal["domain", "inception-v3-compat"]
@@ -360,8 +364,8 @@ class EvaluationConfig(StrictModel):
                 "evaluation.extractor='inception-v3-compat' (the domain classifier is trained "
                 "from the dataset)"
             )
-        seen = [(s.sampler, s.steps) for s in self.sweep]
-        dupes = sorted({f"{a}:{b}" for a, b in seen if seen.count((a, b)) > 1})
+        seen = [(s.sampler, s.steps, s.spacing) for s in self.sweep]
+        dupes = sorted({f"{a}:{b}" for a, b, c in seen if seen.count((a, b, c)) > 1})
         if dupes:
             raise ValueError(f"evaluation.sweep repeats {', '.join(dupes)}")
         return self

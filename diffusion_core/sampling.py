@@ -33,8 +33,8 @@ from diffusion_core.io import read_mask, to_grey
 from diffusion_core.model import ModelCard
 from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser, DenoiserFn
 from diffusion_core.repaint import inpaint as repaint
-from diffusion_core.samplers import run_sampler
-from diffusion_core.schedules import NoiseSchedule, timestep_grid
+from diffusion_core.samplers import run_sampler, sampler_nfe
+from diffusion_core.schedules import NoiseSchedule, sampling_grid
 from diffusion_core.text import (
     NULL_PROMPT,
     ClipModel,
@@ -254,7 +254,7 @@ def generate(
         encoder = encoder or card_text_encoder(card)
     device = next(net.parameters()).device
     schedule = _schedule(card)
-    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    grid = sampling_grid(schedule, knobs.steps, spacing=knobs.spacing)
     seeds = request.seed * 1_000_000 + offset + torch.arange(n)
     per_sample = cycle_prompts(prompts, n, offset=offset) if prompts is not None else None
     out = []
@@ -279,7 +279,8 @@ def generate(
             variance=knobs.variance,
         )
         out.append(to_uint8(x0).cpu())
-    return Samples(torch.cat(out), labels, seeds, knobs.steps, knobs, per_sample)
+    nfe = sampler_nfe(knobs.sampler, knobs.steps)
+    return Samples(torch.cat(out), labels, seeds, nfe, knobs, per_sample)
 
 
 @torch.no_grad()
@@ -293,7 +294,7 @@ def inpaint(
     labels = request_labels(card, request, len(known)) if request.labels is not None else None
     device = next(net.parameters()).device
     schedule = _schedule(card)
-    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    grid = sampling_grid(schedule, knobs.steps, spacing=knobs.spacing)
     out = []
     for start in range(0, len(known), request.batch_size):
         sl = slice(start, start + request.batch_size)

@@ -261,7 +261,7 @@ def test_inception_weights_errors(tmp_path):
             {"extractor": "inception-v3-compat", "weights": "/w", "weights_sha256": "abc"},
             "evaluation.weights_sha256",
         ),
-        ({"sweep": [{"sampler": "euler", "steps": 10}]}, "evaluation.sweep.0.sampler"),
+        ({"sweep": [{"sampler": "lms", "steps": 10}]}, "evaluation.sweep.0.sampler"),
         ({"sweep": [{"sampler": "ddim", "steps": 0}]}, "evaluation.sweep.0.steps"),
         ({"sweep": [{"sampler": "ddim", "steps": 10, "eta": 1}]}, "evaluation.sweep.0.eta"),
         ({"sweep": [{"sampler": "ddim", "steps": 10}] * 2}, "evaluation.sweep repeats ddim:10"),
