@@ -95,10 +95,35 @@ class DiffusionConfig(StrictModel):
     """Noise schedule of the betas."""
     num_steps: int = Field(1000, ge=2)
     """Training timesteps T."""
-    prediction: Literal["eps", "v", "x0"] = "eps"
-    """What the network predicts: the noise, v or the clean image."""
+    prediction: Literal["eps", "v", "x0", "edm"] = "eps"
+    """What the network predicts: the noise, v, the clean image, or EDM's preconditioned target
+    (Karras et al. 2022; its loss weighting comes with it)."""
+    sigma_data: float = Field(0.5, gt=0.0)
+    """prediction: edm only: the data's standard deviation in EDM's preconditioning."""
     min_snr_gamma: float | None = Field(None, gt=0.0)
     """Min-SNR loss weighting with this gamma; unset weighs every timestep alike."""
+    timesteps: Literal["uniform", "lognormal"] = "uniform"
+    """Training noise levels: uniform over the timesteps, or EDM's log-normal sigma."""
+    lognormal_mean: float = -1.2
+    """timesteps: lognormal only: the mean of ln sigma (EDM's P_mean)."""
+    lognormal_std: float = Field(1.2, gt=0.0)
+    """timesteps: lognormal only: the standard deviation of ln sigma (EDM's P_std)."""
+
+    @model_validator(mode="after")
+    def _knobs_that_apply(self) -> DiffusionConfig:
+        if self.prediction == "edm" and self.min_snr_gamma is not None:
+            raise ValueError(
+                "diffusion.min_snr_gamma does not apply to prediction: edm (EDM's loss weighting "
+                "comes with its target); remove it"
+            )
+        fields = type(self).model_fields
+        changed = [k for k in fields if getattr(self, k) != fields[k].default]
+        if "sigma_data" in changed and self.prediction != "edm":
+            raise ValueError("diffusion.sigma_data applies to prediction: edm only")
+        lognormal = [k for k in changed if k.startswith("lognormal_")]
+        if lognormal and self.timesteps != "lognormal":
+            raise ValueError(f"diffusion.{lognormal[0]} applies to timesteps: lognormal only")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -155,12 +180,24 @@ class SamplingDefaults(StrictModel):
     karras (EDM's sigmas, rho = 7, over the schedule's whole range)."""
     guidance_scale: float = Field(1.0, ge=0.0)
     """Classifier-free guidance scale (1: none)."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at noise levels low < sigma <= high (EDM's sigma; Kynkaanniemi et al. 2024);
+    unset: at every step."""
     eta: float = Field(0.0, ge=0.0)
     """DDIM's eta (0 deterministic, 1 DDPM-like)."""
     variance: Variance = "fixed_small"
     """DDPM's posterior variance (beta tilde) or beta."""
     clip_x0: bool = True
     """Clip the x0 prediction to [-1, 1] at every step."""
+
+    @model_validator(mode="after")
+    def _interval_ordered(self) -> SamplingDefaults:
+        interval = self.guidance_interval
+        if interval is not None and not 0.0 <= interval[0] < interval[1]:
+            raise ValueError(
+                f"guidance_interval must be [low, high] with 0 <= low < high, got {list(interval)}"
+            )
+        return self
 
 
 SAMPLING_KNOBS = tuple(SamplingDefaults.model_fields)

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from diffusion_core import model, training
 from diffusion_core.config import parse_config
 from diffusion_core.data import ImageDataset
+from diffusion_core.ema import EMA
 from diffusion_core.model import ModelCard, latest_checkpoint, load_model, write_checkpoint
 from diffusion_core.sampling import SampleRequest, generate
-from diffusion_core.training import EMA, BatchStream, TrainingError, train
+from diffusion_core.training import BatchStream, TrainingError, train
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
