@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--sweep-num", type=int, default=500, help="samples per sweep setting")
     p.add_argument("--sweep-reference", choices=("train", "holdout"), default="train")
     p.add_argument("--draws", type=int, default=100, help="half-sample draws per interval")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model card's)")
     p.add_argument("--judge", help="classifier dir: reused when it exists, else trained into it")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
@@ -96,7 +97,9 @@ def main() -> None:
     # The quickstart setting: the model card's sampling defaults (--num 0 skips it).
     if args.num:
         t0 = time.perf_counter()
-        samples = generate(net, card, SampleRequest(num_samples=args.num))
+        samples = generate(
+            net, card, SampleRequest(num_samples=args.num, guidance_scale=args.guidance)
+        )
         seconds = time.perf_counter() - t0
         sc = samples.knobs
         m = score(samples.images)
@@ -142,7 +145,7 @@ def main() -> None:
             return score_ref(images)
 
         for s in settings:  # one at a time, so that progress shows
-            base = SampleRequest(num_samples=args.sweep_num)
+            base = SampleRequest(num_samples=args.sweep_num, guidance_scale=args.guidance)
             rows += run_sweep(net, card, base, (s,), score=keep_features)
             r = rows[-1]
             print(
