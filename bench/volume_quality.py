@@ -15,7 +15,12 @@ evaluate and write the report. Prints the wall time of each stage and the figure
   distance between the two distributions beside its floor.
 * Per class: occupancy, fill ratio (occupied / bounding-box voxels) and the judge's accuracy.
 
-    python bench/volume_quality.py [--config configs/volume3d.yaml] [--out DIR] [--json out.json]
+    python bench/volume_quality.py [--config configs/volume3d.yaml] [--set key=value ...]
+        [--out DIR] [--json out.json]
+
+Run again with the same ``--out`` and other ``sample.*`` settings to judge another sampler on the
+same model: the training resumes finished (its identity leaves sampling out) and only sampling,
+safety and evaluation run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import yaml
 from direct_stages import run_stages
 
 from diffusion_core.config import load_config
@@ -35,11 +41,13 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "volume3d.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument("--out", help="artefact root and work directory (default: a temporary one)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
 
-    cfg = load_config(args.config)
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(args.config, overrides)
     out = Path(args.out or tempfile.mkdtemp(prefix="volume3d-"))
     seconds: dict[str, float] = {}
 
@@ -84,7 +92,15 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"seconds": seconds, "metrics": m, "published": published.published}, indent=2
+                {
+                    "config": cfg.to_dict(),
+                    "seconds": seconds,
+                    "steps": ckpt.steps,
+                    "steps_run": ckpt.steps_run,
+                    "metrics": m,
+                    "published": published.published,
+                },
+                indent=2,
             )
         )
 

@@ -159,10 +159,35 @@ class DiffusionConfig(StrictModel):
     """Noise schedule of the betas."""
     num_steps: int = Field(1000, ge=2)
     """Training timesteps T."""
-    prediction: Literal["eps", "v", "x0"] = "eps"
-    """What the network predicts: the noise, v or the clean image."""
+    prediction: Literal["eps", "v", "x0", "edm"] = "eps"
+    """What the network predicts: the noise, v, the clean image, or EDM's preconditioned target
+    (Karras et al. 2022; its loss weighting comes with it)."""
+    sigma_data: float = Field(0.5, gt=0.0)
+    """prediction: edm only: the data's standard deviation in EDM's preconditioning."""
     min_snr_gamma: float | None = Field(None, gt=0.0)
     """Min-SNR loss weighting with this gamma; unset weighs every timestep alike."""
+    timesteps: Literal["uniform", "lognormal"] = "uniform"
+    """Training noise levels: uniform over the timesteps, or EDM's log-normal sigma."""
+    lognormal_mean: float = -1.2
+    """timesteps: lognormal only: the mean of ln sigma (EDM's P_mean)."""
+    lognormal_std: float = Field(1.2, gt=0.0)
+    """timesteps: lognormal only: the standard deviation of ln sigma (EDM's P_std)."""
+
+    @model_validator(mode="after")
+    def _knobs_that_apply(self) -> DiffusionConfig:
+        if self.prediction == "edm" and self.min_snr_gamma is not None:
+            raise ValueError(
+                "diffusion.min_snr_gamma does not apply to prediction: edm (EDM's loss weighting "
+                "comes with its target); remove it"
+            )
+        fields = type(self).model_fields
+        changed = [k for k in fields if getattr(self, k) != fields[k].default]
+        if "sigma_data" in changed and self.prediction != "edm":
+            raise ValueError("diffusion.sigma_data applies to prediction: edm only")
+        lognormal = [k for k in changed if k.startswith("lognormal_")]
+        if lognormal and self.timesteps != "lognormal":
+            raise ValueError(f"diffusion.{lognormal[0]} applies to timesteps: lognormal only")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -212,8 +237,8 @@ class TrainConfig(StrictModel):
     card must match this config's; the version is recorded as the new version's parent."""
 
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp_2m"]
-Spacing = Literal["leading", "trailing", "linspace"]
+SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun", "unipc"]
+Spacing = Literal["leading", "trailing", "linspace", "karras"]
 Variance = Literal["fixed_small", "fixed_large"]
 
 
@@ -222,19 +247,33 @@ class SamplingDefaults(StrictModel):
     card carries (``diffusion_core.model.ModelCard.sampling``)."""
 
     sampler: SamplerName = "ddim"
-    """ddpm, ddim or dpmpp_2m (DPM-Solver++(2M))."""
+    """ddpm, ddim, dpmpp_2m (DPM-Solver++(2M)), euler, euler_ancestral, heun (EDM's 2nd-order,
+    2 x steps - 1 network evaluations) or unipc (UniPC-2)."""
     steps: int = Field(50, ge=1)
-    """Sampling steps (one network evaluation each; a guided step is one 2B batch)."""
+    """Sampling steps (one network evaluation each, heun's two; a guided step is one 2B batch)."""
     spacing: Spacing = "leading"
-    """How the steps are spread over the training timesteps."""
+    """How the steps are spread over the training timesteps: leading, trailing, linspace, or
+    karras (EDM's sigmas, rho = 7, over the schedule's whole range)."""
     guidance_scale: float = Field(1.0, ge=0.0)
     """Classifier-free guidance scale (1: none)."""
+    guidance_interval: tuple[float, float] | None = None
+    """Guide only at noise levels low < sigma <= high (EDM's sigma; Kynkaanniemi et al. 2024);
+    unset: at every step."""
     eta: float = Field(0.0, ge=0.0)
     """DDIM's eta (0 deterministic, 1 DDPM-like)."""
     variance: Variance = "fixed_small"
     """DDPM's posterior variance (beta tilde) or beta."""
     clip_x0: bool = True
     """Clip the x0 prediction to [-1, 1] at every step."""
+
+    @model_validator(mode="after")
+    def _interval_ordered(self) -> SamplingDefaults:
+        interval = self.guidance_interval
+        if interval is not None and not 0.0 <= interval[0] < interval[1]:
+            raise ValueError(
+                f"guidance_interval must be [low, high] with 0 <= low < high, got {list(interval)}"
+            )
+        return self
 
 
 SAMPLING_KNOBS = tuple(SamplingDefaults.model_fields)
@@ -418,6 +457,8 @@ class SweepSetting(StrictModel):
     """The sampler."""
     steps: int = Field(ge=1)
     """Its steps."""
+    spacing: Spacing | None = None
+    """Its timestep spacing; unset: the model's (or the sample section's)."""
 
 
 EvaluationExtractor = Literal["domain", "inception-v3-compat"]
@@ -460,8 +501,8 @@ class EvaluationConfig(StrictModel):
                 "evaluation.extractor='inception-v3-compat' (the domain classifier is trained "
                 "from the dataset)"
             )
-        seen = [(s.sampler, s.steps) for s in self.sweep]
-        dupes = sorted({f"{a}:{b}" for a, b in seen if seen.count((a, b)) > 1})
+        seen = [(s.sampler, s.steps, s.spacing) for s in self.sweep]
+        dupes = sorted({f"{a}:{b}" for a, b, c in seen if seen.count((a, b, c)) > 1})
         if dupes:
             raise ValueError(f"evaluation.sweep repeats {', '.join(dupes)}")
         return self

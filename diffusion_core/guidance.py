@@ -44,20 +44,39 @@ class ClassifierFreeGuidance:
     ``null_cond`` must each carry the batch size B of x_t. With ``scale == 1`` only the
     conditional half runs. If ``denoiser.clip_x0`` is set, the guided x0 is clipped to [-1, 1]
     (the inner predictions are not clipped).
+
+    ``interval = (low, high)`` guides only at noise levels low < sigma <= high (EDM's sigma =
+    sigma_t / alpha_t), Kynkaanniemi et al. 2024; elsewhere only the conditional half runs.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Cond, null_cond: Cond, scale: float) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        cond: Cond,
+        null_cond: Cond,
+        scale: float,
+        *,
+        interval: tuple[float, float] | None = None,
+    ) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
+        if interval is not None and not 0.0 <= interval[0] < interval[1]:
+            raise ValueError(f"guidance interval must be 0 <= low < high, got {interval}")
         unclipped = Denoiser(denoiser.net, denoiser.schedule, denoiser.prediction, clip_x0=False)
-        self.scale = float(scale)
-        self.clip_x0 = denoiser.clip_x0
+        self.scale, self.interval = float(scale), interval
+        self.clip_x0, self.schedule = denoiser.clip_x0, denoiser.schedule
         self.cond_denoiser = unclipped.with_cond(cond)
         self.both_denoiser = unclipped.with_cond(concat_cond(cond, null_cond))
 
+    def _guides_at(self, t: Tensor) -> bool:
+        if self.interval is None:
+            return True
+        sigma = float(self.schedule.sigma_at(t[:1].cpu())[0])
+        return self.interval[0] < sigma <= self.interval[1]
+
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        if self.scale == 1.0:
+        if self.scale == 1.0 or not self._guides_at(t):
             x0 = self.cond_denoiser(x_t, t)
         else:
             x0_both = self.both_denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]))  # (2B, ...)

@@ -6,6 +6,7 @@ With ``x_t = alpha x0 + sigma eps`` (alpha^2 + sigma^2 = 1):
   eps-prediction (Ho et al. 2020):        x0 = (x_t - sigma eps) / alpha
   v-prediction (Salimans & Ho 2022, Eq. 4): v = alpha eps - sigma x0,  x0 = alpha x_t - sigma v
   x0-prediction:                            the output itself.
+  EDM (Karras et al. 2022, Eq. 7):          x0 = c_skip x + c_out F, on x = x_t / alpha.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from diffusion_core.config import DiffusionConfig
 from diffusion_core.schedules import NoiseSchedule
 
 
@@ -50,11 +52,42 @@ class X0Prediction:
         return out
 
 
+@dataclass(frozen=True)
+class EDMPrediction:
+    """EDM's preconditioning, Karras et al. 2022 Eq. 7 and Table 1, on x = x_t / alpha =
+    x0 + s eps with s = sigma / alpha: D = c_skip x + c_out F, c_skip = sd^2 / (s^2 + sd^2),
+    c_out = s sd / sqrt(s^2 + sd^2). The network's target is F = (x0 - c_skip x) / c_out, so plain
+    MSE on it is EDM's loss weighting lambda(s) = 1 / c_out^2 on x0 (Eq. 8)."""
+
+    sigma_data: float = 0.5
+
+    def _c_skip_out(self, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        s, sd = sigma / alpha, self.sigma_data
+        norm = (s**2 + sd**2).sqrt()
+        return sd**2 / norm**2, s * sd / norm
+
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        c_skip, c_out = self._c_skip_out(alpha, sigma)
+        return (x0 - c_skip * (x0 + sigma / alpha * eps)) / c_out
+
+    def to_x0(self, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        c_skip, c_out = self._c_skip_out(alpha, sigma)
+        return c_skip * (x_t / alpha) + c_out * out
+
+
 PREDICTIONS: dict[str, Prediction] = {
     "eps": EpsPrediction(),
     "v": VPrediction(),
     "x0": X0Prediction(),
+    "edm": EDMPrediction(),
 }
+
+
+def prediction_for(diffusion: DiffusionConfig) -> Prediction:
+    """The adapter of a ``diffusion:`` section (EDM's with its sigma_data)."""
+    if diffusion.prediction == "edm":
+        return EDMPrediction(sigma_data=diffusion.sigma_data)
+    return PREDICTIONS[diffusion.prediction]
 
 
 @dataclass(frozen=True)

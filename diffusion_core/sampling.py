@@ -32,10 +32,10 @@ from diffusion_core.distributed import autocast
 from diffusion_core.guidance import ClassifierFreeGuidance
 from diffusion_core.io import read_mask, to_grey
 from diffusion_core.model import ModelCard
-from diffusion_core.parameterization import PREDICTIONS, Cond, Denoiser, DenoiserFn
+from diffusion_core.parameterization import Cond, Denoiser, DenoiserFn, prediction_for
 from diffusion_core.repaint import inpaint as repaint
-from diffusion_core.samplers import run_sampler
-from diffusion_core.schedules import NoiseSchedule, timestep_grid
+from diffusion_core.samplers import run_sampler, sampler_nfe
+from diffusion_core.schedules import NoiseSchedule, sampling_grid
 from diffusion_core.text import (
     NULL_PROMPT,
     ClipModel,
@@ -73,6 +73,7 @@ class SampleRequest(StrictModel):
     steps: int | None = Field(None, ge=1)
     spacing: Spacing | None = None
     guidance_scale: float | None = Field(None, ge=0.0)
+    guidance_interval: tuple[float, float] | None = None
     eta: float | None = Field(None, ge=0.0)
     variance: Variance | None = None
     clip_x0: bool | None = None
@@ -163,8 +164,11 @@ def _schedule(card: ModelCard) -> NoiseSchedule:
     return NoiseSchedule.from_name(card.diffusion.schedule, card.diffusion.num_steps)
 
 
-def _guided(base: Denoiser, cond: Cond, null: Cond, scale: float) -> DenoiserFn:
-    return base.with_cond(cond) if scale == 1.0 else ClassifierFreeGuidance(base, cond, null, scale)
+def _guided(base: Denoiser, cond: Cond, null: Cond, knobs: SamplingDefaults) -> DenoiserFn:
+    if knobs.guidance_scale == 1.0:
+        return base.with_cond(cond)
+    interval = knobs.guidance_interval
+    return ClassifierFreeGuidance(base, cond, null, knobs.guidance_scale, interval=interval)
 
 
 def class_denoiser(
@@ -172,14 +176,12 @@ def class_denoiser(
 ) -> DenoiserFn:
     """The denoiser for class ``labels`` (None: unconditional), guided at the knobs' scale with
     the null class as the unconditional branch."""
-    base = Denoiser(
-        net, _schedule(card), PREDICTIONS[card.diffusion.prediction], clip_x0=knobs.clip_x0
-    )
+    base = Denoiser(net, _schedule(card), prediction_for(card.diffusion), clip_x0=knobs.clip_x0)
     if labels is None:
         return base
     assert card.num_classes is not None
     null = Cond(labels=torch.full_like(labels, card.num_classes))
-    return _guided(base, Cond(labels=labels), null, knobs.guidance_scale)
+    return _guided(base, Cond(labels=labels), null, knobs)
 
 
 def text_denoiser(
@@ -191,14 +193,12 @@ def text_denoiser(
 ) -> DenoiserFn:
     """The denoiser for ``prompts``; guidance takes the empty prompt as the unconditional branch."""
     assert card.text is not None
-    base = Denoiser(
-        net, _schedule(card), PREDICTIONS[card.diffusion.prediction], clip_x0=knobs.clip_x0
-    )
+    base = Denoiser(net, _schedule(card), prediction_for(card.diffusion), clip_x0=knobs.clip_x0)
     device = next(net.parameters()).device
     use_pooled = card.text.use_pooled
     cond = text_cond(encoder, prompts, use_pooled=use_pooled).to(device)
     null = text_cond(encoder, [NULL_PROMPT] * len(prompts), use_pooled=use_pooled).to(device)
-    return _guided(base, cond, null, knobs.guidance_scale)
+    return _guided(base, cond, null, knobs)
 
 
 _ENCODERS: dict[str, ClipModel] = {}
@@ -282,7 +282,7 @@ def generate(
         encoder = encoder or card_text_encoder(card)
     device = next(net.parameters()).device
     schedule = _schedule(card)
-    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    grid = sampling_grid(schedule, knobs.steps, spacing=knobs.spacing)
     seeds = request.seed * 1_000_000 + offset + torch.arange(n)
     per_sample = cycle_prompts(prompts, n, offset=offset) if prompts is not None else None
     out = []
@@ -308,7 +308,8 @@ def generate(
                 variance=knobs.variance,
             )
         out.append(to_uint8(x0).cpu())
-    return Samples(torch.cat(out), labels, seeds, knobs.steps, knobs, per_sample)
+    nfe = sampler_nfe(knobs.sampler, knobs.steps)
+    return Samples(torch.cat(out), labels, seeds, nfe, knobs, per_sample)
 
 
 @torch.no_grad()
@@ -328,7 +329,7 @@ def inpaint(
     labels = request_labels(card, request, len(known)) if request.labels is not None else None
     device = next(net.parameters()).device
     schedule = _schedule(card)
-    grid = timestep_grid(schedule.num_steps, knobs.steps, spacing=knobs.spacing)
+    grid = sampling_grid(schedule, knobs.steps, spacing=knobs.spacing)
     out = []
     for start in range(0, len(known), request.batch_size):
         sl = slice(start, start + request.batch_size)

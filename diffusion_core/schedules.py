@@ -1,8 +1,12 @@
 """Noise schedules for discrete-time diffusion as data: betas and everything derived from them.
 
 Notation follows Ho et al. 2020 (DDPM): ``alpha_bar_t = prod_{s<=t} (1 - beta_s)`` and the forward
-process ``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)`` (Eq. 4). Everything is
-held in float64; tensors handed to networks are cast at the point of use.
+process ``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)`` (Eq. 4). Karras et al.
+2022 (EDM) write the same process as ``x_t / alpha_t = x_0 + sigma_t eps`` with
+``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``; between integer timesteps sigma is
+interpolated linearly in log sigma (as diffusers' ``_sigma_to_t``), so grids may hold fractional
+timesteps (Karras spacing). Everything is held in float64; tensors handed to networks are cast at
+the point of use.
 """
 
 from __future__ import annotations
@@ -106,8 +110,50 @@ class NoiseSchedule:
         """beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t (Ho et al., Eq. 7)."""
         return (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod) * self.betas
 
+    @property
+    def sigmas(self) -> Tensor:
+        """EDM's noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (T,), increasing."""
+        ab = self.alphas_cumprod
+        return ((1 - ab) / ab).sqrt()
+
+    def sigma_at(self, t: Tensor) -> Tensor:
+        """sigma at timesteps t in [0, T - 1], fractional ones linear in log sigma between the
+        neighbouring integers (exact at integers); float64, shaped like t."""
+        log_sigmas = self.sigmas.log()
+        t = t.to(torch.float64)
+        if not bool(((t >= 0) & (t <= self.num_steps - 1)).all()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_steps - 1}], got {t.tolist()}")
+        lo = t.floor().long().clamp(max=self.num_steps - 2)
+        w = t - lo
+        return ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]).exp()
+
+    def t_at(self, sigma: Tensor) -> Tensor:
+        """The (fractional) timestep of noise level ``sigma``, the inverse of :meth:`sigma_at`
+        (diffusers' ``_sigma_to_t``); sigmas outside the schedule's range map to 0 or T - 1."""
+        log_sigmas = self.sigmas.log()
+        log_sigma = sigma.to(torch.float64).log()
+        hi = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_steps - 1)
+        lo = hi - 1
+        w = ((log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])).clamp(0, 1)
+        return lo + w
+
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """alpha_bar at (possibly fractional) timesteps t: 1 / (1 + sigma_at(t)^2)."""
+        if not t.is_floating_point():
+            return self.alphas_cumprod[t.long()]
+        return 1 / (1 + self.sigma_at(t) ** 2)
+
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcastable against ``like``."""
+        """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcastable against ``like``; a
+        floating-point ``t`` may be fractional (:meth:`sigma_at`)."""
+        if t.is_floating_point():
+            sigma = self.sigma_at(t.cpu())
+            alpha = (1 + sigma**2).rsqrt()
+            shape = (-1, *([1] * (like.ndim - 1)))
+            return (
+                alpha.reshape(shape).to(like.device, like.dtype),
+                (sigma * alpha).reshape(shape).to(like.device, like.dtype),
+            )
         ab = self.alphas_cumprod
         return _gather(ab.sqrt(), t, like), _gather((1 - ab).sqrt(), t, like)
 
@@ -126,6 +172,46 @@ class NoiseSchedule:
 
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. 5 and Table 1
+
+
+def karras_sigmas(
+    sigma_min: float, sigma_max: float, num_steps: int, *, rho: float = KARRAS_RHO
+) -> Tensor:
+    """EDM's noise levels, Karras et al. 2022 Eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1)
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i = 0 .. N - 1 (float64, descending)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def karras_grid(schedule: NoiseSchedule, num_steps: int, *, rho: float = KARRAS_RHO) -> Tensor:
+    """A descending grid of fractional timesteps whose sigmas are EDM's (Eq. 5), from the
+    schedule's largest sigma (t = T - 1) to its smallest (t = 0), as diffusers'
+    ``use_karras_sigmas`` on a full-range grid."""
+    if not 1 <= num_steps <= schedule.num_steps:
+        raise ValueError(f"num_steps must be in [1, {schedule.num_steps}], got {num_steps}")
+    sigmas = schedule.sigmas
+    grid = schedule.t_at(karras_sigmas(float(sigmas[0]), float(sigmas[-1]), num_steps, rho=rho))
+    grid[0] = schedule.num_steps - 1  # exact ends, whatever the rounding of log and exp
+    if num_steps > 1:
+        grid[-1] = 0
+    return grid
+
+
+SPACINGS = (*TIMESTEP_SPACINGS, "karras")
+
+
+def sampling_grid(schedule: NoiseSchedule, num_steps: int, *, spacing: str) -> Tensor:
+    """The grid a sampler steps over: integer timesteps spaced as :func:`timestep_grid`, or
+    fractional ones at Karras sigmas (``spacing="karras"``, :func:`karras_grid`)."""
+    if spacing == "karras":
+        return karras_grid(schedule, num_steps)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    return timestep_grid(schedule.num_steps, num_steps, spacing=spacing)
 
 
 def timestep_grid(num_train_steps: int, num_steps: int, *, spacing: str = "leading") -> Tensor:

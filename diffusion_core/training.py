@@ -1,4 +1,5 @@
-"""The trainer: bf16 autocast, EMA, clipping, warm-up, atomic checkpoints, exact resume, DDP.
+"""The trainer: bf16 autocast, EMA (``diffusion_core.ema``), clipping, warm-up, atomic checkpoints,
+exact resume, DDP.
 
 Exact resume: a checkpoint holds the weights, the EMA, the optimizer and LR-scheduler state, the
 step and every random generator, and the batch of step s is a function of s alone
@@ -31,7 +32,8 @@ from diffusion_core.distributed import (
     rank_and_world,
     resolve_device,
 )
-from diffusion_core.losses import DiffusionLoss, draw_noise
+from diffusion_core.ema import EMA
+from diffusion_core.losses import DiffusionLoss, TimestepDensity, draw_noise, timestep_density
 from diffusion_core.model import (
     ModelCard,
     latest_checkpoint,
@@ -39,7 +41,7 @@ from diffusion_core.model import (
     read_weights,
     write_checkpoint,
 )
-from diffusion_core.parameterization import PREDICTIONS, Cond, Prediction
+from diffusion_core.parameterization import Cond, Prediction, prediction_for
 from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.text import (
     PromptTable,
@@ -67,37 +69,6 @@ class InitWeights:
 
 
 # ----------------------------------------------------------------------------------------------
-# Exponential moving average of the weights.
-
-
-class EMA:
-    """EMA of parameters and buffers in float32, with the warm-up of Tarvainen & Valpola 2017."""
-
-    def __init__(self, net: nn.Module, *, decay: float, warmup: bool = True) -> None:
-        self.decay, self.warmup = decay, warmup
-        self.shadow = {k: v.detach().float().clone() for k, v in net.state_dict().items()}
-
-    def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, net: nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        for k, v in net.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
-# ----------------------------------------------------------------------------------------------
 # One optimisation step, shared by the trainer and the throughput benchmark.
 
 
@@ -122,11 +93,12 @@ class TrainStep:
         ema: EMA | None = None,
         min_snr_gamma: float | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        density: TimestepDensity | None = None,
     ) -> None:
         self.net, self.optimizer, self.ema = net, optimizer, ema
         self.loss_fn = DiffusionLoss(schedule, prediction, min_snr_gamma=min_snr_gamma)
         self.precision, self.grad_clip, self.lr_scheduler = precision, grad_clip, lr_scheduler
-        self.num_steps = schedule.num_steps
+        self.num_steps, self.density = schedule.num_steps, density
         self.step = 0
 
     def __call__(
@@ -140,7 +112,11 @@ class TrainStep:
     ) -> Tensor:
         if t is None or eps is None:
             t, eps = draw_noise(
-                x0.shape, self.num_steps, generator=generator or _default_gen(x0), device=x0.device
+                x0.shape,
+                self.num_steps,
+                generator=generator or _default_gen(x0),
+                device=x0.device,
+                density=self.density,
             )
         with autocast(x0.device, self.precision):
             loss = self.loss_fn(self.net, x0, cond, t, eps).mean()
@@ -307,16 +283,18 @@ def train(
     if tc.compile:
         model = torch.compile(model)
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.num_steps)
+    density = timestep_density(cfg.diffusion, schedule)
     step_fn = TrainStep(
         model,
         schedule,
-        PREDICTIONS[cfg.diffusion.prediction],
+        prediction_for(cfg.diffusion),
         optimizer,
         precision=tc.precision,
         grad_clip=tc.grad_clip,
         ema=ema,
         min_snr_gamma=cfg.diffusion.min_snr_gamma,
         lr_scheduler=lr_scheduler,
+        density=density,
     )
     batches = BatchSchedule(len(dataset), tc.batch_size, tc.seed)
     gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
@@ -384,7 +362,9 @@ def train(
         # Draw the global batch's timesteps, noise and label dropout; train on this rank's slice.
         idx = batches.indices(step_fn.step)
         x0 = local_images.to(device).float() / 127.5 - 1  # (B / world, C, H, W) in [-1, 1]
-        t, eps = draw_noise(global_shape, schedule.num_steps, generator=gen, device=device)
+        t, eps = draw_noise(
+            global_shape, schedule.num_steps, generator=gen, device=device, density=density
+        )
         cond = None
         if null_class is not None:
             assert labels is not None

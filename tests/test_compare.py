@@ -33,6 +33,7 @@ RECORD: dict[str, Any] = {
     "sampler": "ddim",
     "steps": 25,
     "guidance_scale": 1.5,
+    "guidance_interval": None,
     "seed": 0,
 }
 
@@ -236,6 +237,12 @@ def test_refusal_names_each_differing_key_with_both_values() -> None:
     # An old record without the new keys is not comparable either.
     old = {k: v for k, v in RECORD.items() if k not in ("engine", "nfe")}
     assert record_mismatch(RECORD, old) == ["engine", "nfe"]
+    # A record written before the guidance interval existed guided at every step.
+    before = {k: v for k, v in RECORD.items() if k != "guidance_interval"}
+    assert record_mismatch(RECORD, before) == []
+    assert record_mismatch({**RECORD, "guidance_interval": [0.3, 5.0]}, before) == [
+        "guidance_interval"
+    ]
     # Seeds are recorded but do not block a comparison: the intervals carry sampling noise.
     assert decide(evaluation(1.0, 0.1, seed=7), champion(evaluation(2.0, 0.1))).promote
 

@@ -109,6 +109,52 @@ def domain_dir(tmp_path: Path) -> tuple[Path, SmallCNN]:
     return tmp_path / "judge", net
 
 
+def test_floor_draws_one_draw_is_the_split_it_says():
+    """One draw: the reference split in halves A, B and h generated rows, drawn from the seeded
+    generator in that order; FID, precision and recall of (G, A) and (B, A)."""
+    gen, ref = features(400, shift=0.2, seed=3), features(101, seed=4)
+    out = fidelity.floor_draws(gen, ref, draws=1, seed=7)
+    g = torch.Generator().manual_seed(7)
+    perm = torch.randperm(101, generator=g)
+    a, b = ref[perm[:50]], ref[perm[50:100]]
+    sub = gen[torch.randperm(400, generator=g)[:50]]
+    assert out["h"] == 50
+    assert out["fid_h"] == pytest.approx(fidelity.fid(sub, a), rel=1e-12)
+    assert out["fid_floor_h"] == pytest.approx(fidelity.fid(b, a), rel=1e-12)
+    assert out["recall_h"] == fidelity.precision_recall(sub, a)["recall"]
+    assert out["precision_floor_h"] == fidelity.precision_recall(b, a)["precision"]
+
+
+def test_floor_draws_tell_a_shifted_set_from_the_real_one():
+    """Same distribution: FID at equal counts near the floor (the mean of 40 draws within a
+    quarter of it); a set shifted by one standard deviation: far above it, lower recall."""
+    ref = features(300, seed=5)
+    same = fidelity.floor_draws(features(1000, seed=6), ref, draws=40)
+    shifted = fidelity.floor_draws(features(1000, seed=6, shift=1.0), ref, draws=40)
+    assert abs(same["fid_gap"]) < 0.25 * same["fid_floor_h"]
+    assert abs(same["recall_h"] - same["recall_floor_h"]) < 0.05
+    assert shifted["fid_gap"] > 5 * same["fid_floor_h"]
+    assert shifted["recall_h"] < same["recall_h"] - 0.2
+
+
+def test_paired_fid_gap_cancels_shared_noise():
+    """A set against itself: gap 0 with a zero-width interval. Two sets that share their seeds
+    (the second is the first slightly perturbed): the gap is the difference of the two FIDs and
+    its interval is much narrower than either FID's own."""
+    ref = features(300, seed=8)
+    base = features(400, seed=9)
+    assert fidelity.paired_fid_gap(base, base, ref, draws=10) == (0.0, 0.0, 0.0)
+    g = torch.Generator().manual_seed(10)
+    other = base + 0.1 + 0.1 * torch.randn(base.shape, generator=g, dtype=torch.float64)
+    gap, low, high = fidelity.paired_fid_gap(other, base, ref, draws=50)
+    assert gap == pytest.approx(fidelity.fid(other, ref) - fidelity.fid(base, ref), rel=1e-12)
+    assert low < gap < high
+    lo, hi = fidelity.half_sample_interval(fidelity.fid, other, ref, draws=50)
+    assert (high - low) < 0.5 * (hi - lo)  # measured 0.37x
+    with pytest.raises(ValueError, match="same shape"):
+        fidelity.paired_fid_gap(other[:10], base, ref)
+
+
 def test_registered_domain_extractor_through_calculate_metrics(domain_dir):
     path, net = domain_dir
     a, b = images(60, seed=0), images(50, seed=1) // 2  # darker: a different distribution
@@ -291,7 +337,7 @@ def test_inception_weights_errors(tmp_path):
             {"extractor": "inception-v3-compat", "weights": "/w", "weights_sha256": "abc"},
             "evaluation.weights_sha256",
         ),
-        ({"sweep": [{"sampler": "euler", "steps": 10}]}, "evaluation.sweep.0.sampler"),
+        ({"sweep": [{"sampler": "lms", "steps": 10}]}, "evaluation.sweep.0.sampler"),
         ({"sweep": [{"sampler": "ddim", "steps": 0}]}, "evaluation.sweep.0.steps"),
         ({"sweep": [{"sampler": "ddim", "steps": 10, "eta": 1}]}, "evaluation.sweep.0.eta"),
         ({"sweep": [{"sampler": "ddim", "steps": 10}] * 2}, "evaluation.sweep repeats ddim:10"),

@@ -294,6 +294,22 @@ def test_cfg_batched_call_equals_two_calls():
     torch.testing.assert_close(scalar, guided, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("interval", "guides"), [((1.0, 1.5), True), ((1.5, 5.0), False)])
+def test_cfg_guides_only_inside_its_interval(interval, guides):
+    """Kynkaanniemi et al. 2024: guidance at low < sigma <= high only; outside it the
+    conditional prediction alone, in one call on B. At t = 300 sigma is about 1.24."""
+    net, denoiser, cond, null, x, t = cfg_setup()
+    sigma = float(denoiser.schedule.sigma_at(t[:1])[0])
+    assert 1.2 < sigma < 1.3
+    guided = ClassifierFreeGuidance(denoiser, cond, null, 4.0, interval=interval)(x, t)
+    plain = ClassifierFreeGuidance(denoiser, cond, null, 4.0)(x, t)
+    assert net.calls == [8 if guides else 4, 8]
+    expected = plain if guides else denoiser.with_cond(cond)(x, t)
+    torch.testing.assert_close(guided, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="low < high"):
+        ClassifierFreeGuidance(denoiser, cond, null, 4.0, interval=(1.0, 0.5))
+
+
 def test_cfg_clips_after_guidance():
     _, denoiser, cond, null, x, t = cfg_setup(clip_x0=True)
     guided = ClassifierFreeGuidance(denoiser, cond, null, 3.0)(x, t)

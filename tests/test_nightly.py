@@ -394,7 +394,7 @@ def night_config(path: Path, folder: Path, **train: object) -> Path:
 
 def champions(client, name: str) -> list[str]:
     model = client.get_registered_model(name)
-    return [v for alias, v in model.aliases.items() if alias == "champion"]
+    return [str(v) for alias, v in model.aliases.items() if alias == "champion"]
 
 
 @pytest.mark.slow

@@ -17,8 +17,17 @@ import torch
 from torch import Tensor
 
 from diffusion_core.parameterization import PREDICTIONS, Denoiser
-from diffusion_core.samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
-from diffusion_core.schedules import NoiseSchedule, timestep_grid
+from diffusion_core.samplers import (
+    grid_sigmas,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_unipc,
+)
+from diffusion_core.schedules import NoiseSchedule, sampling_grid, timestep_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -247,3 +256,223 @@ def test_dpmpp_2m_matches_stock_float32_diffusers(schedule):
         "eps",
     )
     assert max_diff(traj, ref) < 1e-4
+
+
+# --- Karras et al. 2022 samplers: diffusers' Euler, Euler ancestral, Heun and UniPC ------------
+# These schedulers step x / alpha = x0 + sigma eps (EDM's scaling) and feed the network
+# ``scale_model_input(x) = x / sqrt(1 + sigma^2)``, which is our x_t; trajectories are compared as
+# x_t. Their float32 sigma tables are checked against ours and then replaced by our float64 ones.
+
+BETAS = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}  # Heun's differ
+SPACING_CASES = [("leading", False), ("trailing", False), ("linspace", True)]  # (diffusers, karras)
+
+
+def our_grid(schedule: NoiseSchedule, num_steps: int, spacing: str, karras: bool) -> Tensor:
+    return sampling_grid(schedule, num_steps, spacing="karras" if karras else spacing)
+
+
+def use_our_sigmas(ref_sched, timesteps: Tensor, sigmas: Tensor) -> None:
+    """Check diffusers' grid against ours to float32 rounding, then use ours. (Its smallest
+    sigma, sqrt(1 - alpha_bar_0) / ..., loses ~1e-4 relative to float32 cancellation.)"""
+    torch.testing.assert_close(ref_sched.timesteps.double(), timesteps.double(), rtol=0, atol=1e-2)
+    torch.testing.assert_close(ref_sched.sigmas.double(), sigmas, rtol=2e-4, atol=0)
+    ref_sched.timesteps = timesteps.double()  # Euler refuses integer tensors as timesteps
+    ref_sched.sigmas = sigmas.clone()
+
+
+def run_scaled(ref_sched, net: LinearNet, sigmas: Tensor, **step_kwargs) -> list[Tensor]:
+    """diffusers' loop in x / alpha, recorded as x_t at every grid point and at the end."""
+    x = x_T() * math.sqrt(1 + sigmas[0].item() ** 2)
+    ref = [x_T()]
+    for i, t in enumerate(ref_sched.timesteps):
+        x = ref_sched.step(net(ref_sched.scale_model_input(x, t), t), t, x, **step_kwargs)
+        x = x.prev_sample
+        ref.append(x / math.sqrt(1 + sigmas[i + 1].item() ** 2))
+    return ref
+
+
+@pytest.mark.parametrize(("dname", "ours"), PARAM_CASES)
+@pytest.mark.parametrize(("spacing", "karras"), SPACING_CASES)
+def test_euler_matches_diffusers(schedule, dname, ours, spacing, karras):
+    """EulerDiscreteScheduler (Karras sigmas over a linspace grid = our ``karras`` spacing)."""
+    net = LinearNet(seed=4)
+    timesteps = our_grid(schedule, 15, spacing, karras)
+    sigmas = torch.tensor(grid_sigmas(timesteps, schedule), dtype=torch.float64)
+    ref_sched = diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=NUM_TRAIN,
+        **BETAS,
+        prediction_type=dname,
+        timestep_spacing=spacing,
+        use_karras_sigmas=karras,
+    )
+    ref_sched.set_timesteps(15)
+    use_our_sigmas(ref_sched, timesteps, sigmas)
+    ref = run_scaled(ref_sched, net, sigmas)
+    traj = ours_trajectory(
+        lambda d, cb: sample_euler(d, x_T(), timesteps, schedule, callback=cb), net, schedule, ours
+    )
+    assert max_diff(traj, ref) < ATOL_DPM  # diffusers steps in float32
+
+
+@pytest.mark.parametrize(("dname", "ours"), PARAM_CASES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_ancestral_matches_diffusers(schedule, dname, ours, spacing):
+    """EulerAncestralDiscreteScheduler draws ``randn(shape, generator, dtype)`` once per step
+    (the last one multiplied by sigma_up = 0); ours draws the same stream on every step but the
+    last, so one seed gives the same noise."""
+    net = LinearNet(seed=5)
+    timesteps = timestep_grid(NUM_TRAIN, 15, spacing=spacing)
+    sigmas = torch.tensor(grid_sigmas(timesteps, schedule), dtype=torch.float64)
+    ref_sched = diffusers.EulerAncestralDiscreteScheduler(
+        num_train_timesteps=NUM_TRAIN,
+        **BETAS,
+        prediction_type=dname,
+        timestep_spacing=spacing,
+    )
+    ref_sched.set_timesteps(15)
+    use_our_sigmas(ref_sched, timesteps, sigmas)
+    ref = run_scaled(ref_sched, net, sigmas, generator=torch.Generator().manual_seed(9))
+    g_ours = torch.Generator().manual_seed(9)
+    traj = ours_trajectory(
+        lambda d, cb: sample_euler_ancestral(
+            d, x_T(), timesteps, schedule, generator=g_ours, callback=cb
+        ),
+        net,
+        schedule,
+        ours,
+    )
+    assert max_diff(traj, ref) < ATOL_DPM  # diffusers steps in float32
+
+
+@pytest.mark.parametrize(("dname", "ours"), PARAM_CASES)
+@pytest.mark.parametrize(("spacing", "karras"), SPACING_CASES)
+def test_heun_matches_diffusers(schedule, dname, ours, spacing, karras):
+    """HeunDiscreteScheduler takes every interior grid point twice (2N - 1 calls); the
+    trajectory is compared after each completed step."""
+    net = LinearNet(seed=6)
+    n = 12
+    timesteps = our_grid(schedule, n, spacing, karras)
+    sigmas = torch.tensor(grid_sigmas(timesteps, schedule), dtype=torch.float64)
+    ref_sched = diffusers.HeunDiscreteScheduler(
+        num_train_timesteps=NUM_TRAIN,
+        **BETAS,
+        prediction_type=dname,
+        timestep_spacing=spacing,
+        use_karras_sigmas=karras,
+    )
+    ref_sched.set_timesteps(n)
+    use_our_sigmas(
+        ref_sched,
+        torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
+        torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]),
+    )
+    x = x_T() * math.sqrt(1 + sigmas[0].item() ** 2)
+    ref = [x_T()]
+    for k, t in enumerate(ref_sched.timesteps):
+        x = ref_sched.step(net(ref_sched.scale_model_input(x, t), t), t, x).prev_sample
+        if ref_sched.state_in_first_order or k == 2 * n - 2:  # a step is complete
+            sigma = sigmas[len(ref)].item()
+            ref.append(x / math.sqrt(1 + sigma**2))
+    calls = [0]
+
+    def counting(x: Tensor, t: Tensor, cond: object = None) -> Tensor:
+        calls[0] += 1
+        return net(x, t)
+
+    traj = ours_trajectory(
+        lambda d, cb: sample_heun(d, x_T(), timesteps, schedule, callback=cb),
+        counting,  # type: ignore[arg-type]
+        schedule,
+        ours,
+    )
+    assert calls[0] == len(ref_sched.timesteps) == 2 * n - 1
+    assert max_diff(traj, ref) < ATOL64
+
+
+class RoundedTime:
+    """The net called at round(t): diffusers' multistep schedulers round Karras timesteps for
+    the network (their updates use the exact sigmas), where ours pass the fractional t. Parity of
+    the updates is checked on the same network outputs."""
+
+    def __init__(self, net: LinearNet) -> None:
+        self.net = net
+
+    def __call__(self, x: Tensor, t: Tensor, cond: object = None) -> Tensor:
+        return self.net(x, t.round())
+
+
+def multistep_reference(ref_sched, net: LinearNet, timesteps: Tensor, sigmas: Tensor):
+    """diffusers' loop in x_t; the network at the scheduler's (rounded) timesteps."""
+    torch.testing.assert_close(ref_sched.sigmas.double(), sigmas, rtol=2e-4, atol=0)
+    assert torch.equal(ref_sched.timesteps, timesteps.round().long())
+    ref_sched.sigmas = sigmas.clone()
+    x = x_T()
+    ref = [x]
+    for t in ref_sched.timesteps:
+        x = ref_sched.step(net(x, t), t, x).prev_sample
+        ref.append(x)
+    return ref
+
+
+@pytest.mark.parametrize(("dname", "ours"), PARAM_CASES)
+@pytest.mark.parametrize("num_steps", [10, 20])
+def test_dpmpp_2m_karras_matches_diffusers(schedule, dname, ours, num_steps):
+    """DPMSolverMultistepScheduler(use_karras_sigmas=True): DPM-Solver++(2M) Karras."""
+    net = LinearNet(seed=7)
+    timesteps = sampling_grid(schedule, num_steps, spacing="karras")
+    sigmas = torch.tensor(grid_sigmas(timesteps, schedule), dtype=torch.float64)
+    ref_sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN,
+        **BETAS,
+        prediction_type=dname,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=True,
+        final_sigmas_type="zero",
+    )
+    ref_sched.set_timesteps(num_steps)
+    ref = multistep_reference(ref_sched, net, timesteps, sigmas)
+    traj = ours_trajectory(
+        lambda d, cb: sample_dpmpp_2m(d, x_T(), timesteps, schedule, callback=cb),
+        RoundedTime(net),  # type: ignore[arg-type]
+        schedule,
+        ours,
+    )
+    assert max_diff(traj, ref) < ATOL_DPM
+
+
+@pytest.mark.parametrize(("dname", "ours"), PARAM_CASES)
+@pytest.mark.parametrize(
+    ("num_steps", "karras"), [(10, False), (20, False), (3, False), (10, True)]
+)
+def test_unipc_matches_diffusers(schedule, dname, ours, num_steps, karras):
+    """UniPCMultistepScheduler's defaults: UniP-2 / UniC with bh2, data prediction, lower
+    order on the first and last steps; compared on the predictor's x_t at every grid point."""
+    net = LinearNet(seed=8)
+    timesteps = our_grid(schedule, num_steps, "linspace", karras)
+    sigmas = torch.tensor(grid_sigmas(timesteps, schedule), dtype=torch.float64)
+    ref_sched = diffusers.UniPCMultistepScheduler(
+        num_train_timesteps=NUM_TRAIN,
+        **BETAS,
+        prediction_type=dname,
+        use_karras_sigmas=karras,
+    )
+    ref_sched.set_timesteps(num_steps)
+    ref = multistep_reference(ref_sched, net, timesteps, sigmas)
+    traj = ours_trajectory(
+        lambda d, cb: sample_unipc(d, x_T(), timesteps, schedule, callback=cb),
+        RoundedTime(net),  # type: ignore[arg-type]
+        schedule,
+        ours,
+    )
+    assert max_diff(traj, ref) < ATOL64
+
+
+def test_unipc_corrector_matters(schedule):
+    """Guards the parity test: without the corrector (DPM-Solver++(2M)'s predictor alone) the
+    result moves far beyond the tolerance."""
+    net = LinearNet(seed=8)
+    timesteps = timestep_grid(NUM_TRAIN, 10, spacing="linspace")
+    d = Denoiser(net, schedule, PREDICTIONS["eps"])  # type: ignore[arg-type]
+    unipc = sample_unipc(d, x_T(), timesteps, schedule)
+    assert (unipc - sample_dpmpp_2m(d, x_T(), timesteps, schedule)).abs().max() > 1e-3

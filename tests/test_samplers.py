@@ -9,13 +9,14 @@ samples of N(mu, Sigma) up to its discretisation error.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import torch
 from torch import Tensor
 
 from diffusion_core import samplers
+from diffusion_core.config import SamplerName
 from diffusion_core.samplers import (
     SAMPLERS,
     ddpm_step,
@@ -23,8 +24,13 @@ from diffusion_core.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_unipc,
+    sampler_nfe,
 )
-from diffusion_core.schedules import NoiseSchedule, timestep_grid
+from diffusion_core.schedules import NoiseSchedule, sampling_grid, timestep_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,6 +54,17 @@ CASES: dict[str, tuple[str, int, str, dict[str, Any], float]] = {
     "ddim50_eta0": ("ddim", 50, "leading", {"eta": 0.0}, 0.080),
     "ddim50_eta1": ("ddim", 50, "leading", {"eta": 1.0}, 0.158),
     "dpmpp20": ("dpmpp_2m", 20, "linspace", {}, 0.017),
+    # Karras spacing spends most steps at small sigma, where this 3-d Gaussian is easy: its
+    # errors at a given step count are larger than linspace's (measured 0.087 against 0.015 for
+    # DPM-Solver++-20). Measured: DPM-Solver++-20 Karras 0.0866, Euler-20 Karras 0.2456, Euler
+    # ancestral-100 linspace 0.0756, Heun-10 linspace 0.0458, Heun-20 Karras 0.0786, UniPC-20
+    # linspace 0.0133.
+    "dpmpp20_karras": ("dpmpp_2m", 20, "karras", {}, 0.10),
+    "euler20_karras": ("euler", 20, "karras", {}, 0.28),
+    "euler_a100": ("euler_ancestral", 100, "linspace", {}, 0.087),
+    "heun10": ("heun", 10, "linspace", {}, 0.053),
+    "heun20_karras": ("heun", 20, "karras", {}, 0.090),
+    "unipc20": ("unipc", 20, "linspace", {}, 0.016),
 }
 
 
@@ -60,25 +77,27 @@ class GaussianOracle:
     """The exact denoiser E[x0 | x_t] for x0 ~ N(mu, Sigma) over vectors (B, d), in float64."""
 
     def __init__(self, mu: Tensor, Sigma: Tensor, schedule: NoiseSchedule) -> None:
-        self.mu, self.Sigma, self.alpha_bar = mu, Sigma, schedule.alphas_cumprod
+        self.mu, self.Sigma, self.schedule = mu, Sigma, schedule
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        assert t.shape == (x_t.shape[0],) and t.dtype == torch.long
+        assert t.shape == (x_t.shape[0],) and t.dtype in (torch.long, torch.float64)
         assert bool((t == t[0]).all()), "samplers call the denoiser with one timestep per batch"
-        alpha_bar = self.alpha_bar[t[0]]
+        alpha_bar = self.schedule.alpha_bar_at(t[:1])[0]
         alpha = alpha_bar.sqrt()
         cov_t = alpha_bar * self.Sigma + (1 - alpha_bar) * torch.eye(len(self.mu), dtype=F64)
         gain = alpha * self.Sigma @ torch.linalg.inv(cov_t)  # (d, d)
         return self.mu + (x_t - alpha * self.mu) @ gain.T
 
 
-def marginal(schedule: NoiseSchedule, t: int) -> tuple[Tensor, Tensor]:
-    """Mean and covariance of x_t."""
-    alpha_bar = schedule.alphas_cumprod[t]
+def marginal(schedule: NoiseSchedule, t: float) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of x_t (t may be fractional)."""
+    alpha_bar = schedule.alpha_bar_at(torch.tensor([t]))[0]
     return alpha_bar.sqrt() * MU, alpha_bar * SIGMA + (1 - alpha_bar) * torch.eye(DIM, dtype=F64)
 
 
-def sample_marginal(schedule: NoiseSchedule, t: int, n: int, generator: torch.Generator) -> Tensor:
+def sample_marginal(
+    schedule: NoiseSchedule, t: float, n: int, generator: torch.Generator
+) -> Tensor:
     mean, cov = marginal(schedule, t)
     z = torch.randn(n, DIM, generator=generator, dtype=F64)
     return mean + z @ torch.linalg.cholesky(cov).T
@@ -86,7 +105,7 @@ def sample_marginal(schedule: NoiseSchedule, t: int, n: int, generator: torch.Ge
 
 def run_case(case: str, schedule: NoiseSchedule, x: Tensor, generator: torch.Generator) -> Tensor:
     name, num_steps, spacing, knobs, _ = CASES[case]
-    timesteps = timestep_grid(NUM_TRAIN, num_steps, spacing=spacing)
+    timesteps = sampling_grid(schedule, num_steps, spacing=spacing)
     oracle = GaussianOracle(MU, SIGMA, schedule)
     return run_sampler(name, oracle, x, timesteps, schedule, generator=generator, **knobs)
 
@@ -111,7 +130,7 @@ def moment_errors(samples: Tensor, cov_allowance: float) -> tuple[Tensor, Tensor
 @pytest.mark.parametrize("case", list(CASES))
 def test_samples_reproduce_gaussian(schedule, case):
     _, num_steps, spacing, _, allowance = CASES[case]
-    t_first = int(timestep_grid(NUM_TRAIN, num_steps, spacing=spacing)[0])
+    t_first = sampling_grid(schedule, num_steps, spacing=spacing)[0].item()
     g = torch.Generator().manual_seed(2024)
     x = sample_marginal(schedule, t_first, N_SAMPLES, g)
     out = run_case(case, schedule, x, g)
@@ -145,7 +164,7 @@ def exact_moments(
     independent z_k ~ N(0, I): mean = M m + c, cov = M C M^T + sum_k J_k J_k^T.
     """
     name, default_steps, spacing, knobs, _ = CASES[case]
-    timesteps = timestep_grid(NUM_TRAIN, num_steps or default_steps, spacing=spacing)
+    timesteps = sampling_grid(schedule, num_steps or default_steps, spacing=spacing)
     noises: list[Tensor] = []
 
     def zero_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -169,7 +188,7 @@ def exact_moments(
     ]
     M = torch.stack([r[0][0] for r in rows])  # (d, d)
     J = [torch.stack([r[k][0] for r in rows]) for k in range(1, len(inputs))]  # K x (d, d)
-    m_in, C_in = marginal(schedule, int(timesteps[0]))
+    m_in, C_in = marginal(schedule, timesteps[0].item())
     mean = M @ m_in + out.detach()
     cov = M @ C_in @ M.T + sum((Jk @ Jk.T for Jk in J), torch.zeros(DIM, DIM, dtype=F64))
     return mean, cov
@@ -182,10 +201,23 @@ def test_exact_moments_within_allowance(schedule, monkeypatch, case):
     assert (cov - SIGMA).abs().max() <= CASES[case][4]
 
 
-@pytest.mark.parametrize(("case", "ratio"), [("ddim50_eta0", 3.0), ("dpmpp20", 4.0)])
+@pytest.mark.parametrize(
+    ("case", "ratio"),
+    [
+        ("ddim50_eta0", 3.0),
+        ("dpmpp20", 4.0),
+        ("dpmpp20_karras", 12.0),
+        ("euler20_karras", 3.0),
+        ("euler_a100", 3.0),
+        ("heun20_karras", 12.0),
+        ("unipc20", 12.0),
+    ],
+)
 def test_exact_moments_converge(schedule, monkeypatch, case, ratio):
-    """Four times the steps cut the covariance error by >= 3x (DDIM, first order; measured
-    3.9x) and >= 4x (DPM-Solver++(2M); measured 6.5x); a wrong coefficient would not converge."""
+    """Four times the steps cut the covariance error by >= 3x for first-order methods (DDIM
+    measured 3.9x, Euler 3.7x, Euler ancestral 3.5x), and by more for second-order ones
+    (DPM-Solver++(2M) 6.5x on linspace and 21x on Karras sigmas, Heun 20x, UniPC 24x; 16x is
+    the asymptotic rate); a wrong coefficient would not converge."""
     n = CASES[case][1]
     _, cov = exact_moments(case, schedule, monkeypatch)
     _, cov_fine = exact_moments(case, schedule, monkeypatch, num_steps=4 * n)
@@ -308,6 +340,69 @@ def test_ddim_eta1_is_ddpm_fixed_small(schedule):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "karras"])
+def test_euler_is_ddim(schedule, spacing):
+    """Euler's method on the probability-flow ODE in x / alpha and sigma is DDIM with eta = 0
+    (Karras et al. 2022, Sec. 4 and App. B.1), step for step on any grid."""
+    timesteps = sampling_grid(schedule, 12, spacing=spacing)
+    oracle = GaussianOracle(MU, SIGMA, schedule)
+    x = sample_marginal(schedule, timesteps[0].item(), 64, torch.Generator().manual_seed(0))
+    ours: list[Tensor] = []
+    ddim: list[Tensor] = []
+    out = sample_euler(oracle, x, timesteps, schedule, callback=lambda *a: ours.append(a[2]))
+    ref = sample_ddim(oracle, x, timesteps, schedule, callback=lambda *a: ddim.append(a[2]))
+    for a, b in zip([*ours, out], [*ddim, ref], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "karras"])
+def test_euler_ancestral_is_ddpm(schedule, spacing):
+    """Euler ancestral's split sigma_next^2 = sigma_down^2 + sigma_up^2 is DDPM's ancestral step
+    with the posterior variance beta_tilde, noise for noise: the same generator gives the same
+    samples on any grid."""
+    timesteps = sampling_grid(schedule, 12, spacing=spacing)
+    oracle = GaussianOracle(MU, SIGMA, schedule)
+    x = sample_marginal(schedule, timesteps[0].item(), 64, torch.Generator().manual_seed(0))
+    a = sample_euler_ancestral(
+        oracle, x, timesteps, schedule, generator=torch.Generator().manual_seed(3)
+    )
+    b = sample_ddpm(oracle, x, timesteps, schedule, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    c = sample_euler_ancestral(
+        oracle, x, timesteps, schedule, generator=torch.Generator().manual_seed(4)
+    )
+    assert (c - b).abs().max() > 1e-2  # and the noise matters
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_nfe_counts_network_calls(schedule, name):
+    """``sampler_nfe`` is the number of denoiser calls: one per step, Heun's 2N - 1."""
+    calls = [0]
+
+    def counting(x_t: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        return 0.5 * x_t
+
+    timesteps = sampling_grid(schedule, 7, spacing="karras")
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    run_sampler(name, counting, x, timesteps, schedule, generator=torch.Generator(), eta=0.5)
+    assert calls[0] == sampler_nfe(name, 7) == (13 if name == "heun" else 7)
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpmpp_2m"])
+def test_two_step_multistep_is_ddim(schedule, name):
+    """On two steps UniPC and DPM-Solver++(2M) are first order throughout: DDIM with eta = 0."""
+    timesteps = timestep_grid(NUM_TRAIN, 2, spacing="linspace")
+    oracle = GaussianOracle(MU, SIGMA, schedule)
+    x = sample_marginal(schedule, int(timesteps[0]), 64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        run_sampler(name, oracle, x, timesteps, schedule),
+        sample_ddim(oracle, x, timesteps, schedule),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
 def test_two_step_dpmpp_is_ddim(schedule):
     """On two steps DPM-Solver++(2M) is first order throughout, i.e. DDIM with eta = 0."""
     timesteps = timestep_grid(NUM_TRAIN, 2, spacing="linspace")
@@ -354,10 +449,11 @@ def test_callback_and_float32(schedule, name):
 
 
 def test_registry_and_unknown_sampler(schedule):
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m"}
+    assert set(SAMPLERS) == set(get_args(SamplerName))
+    assert set(SAMPLERS) >= {"ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun"}
     x = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match=r"'euler'.*'ddim', 'ddpm', 'dpmpp_2m'"):
-        run_sampler("euler", affine_denoiser, x, torch.tensor([1, 0]), schedule)
+    with pytest.raises(ValueError, match=r"'lms'.*'ddim', 'ddpm', 'dpmpp_2m', 'euler'"):
+        run_sampler("lms", affine_denoiser, x, torch.tensor([1, 0]), schedule)
 
 
 def identity_denoiser(x: Tensor, t: Tensor) -> Tensor:
@@ -374,7 +470,10 @@ GEN = torch.Generator()
         (sample_ddim, [5, 5], {}, "descending"),
         (sample_ddim, [1000, 5], {}, r"\[0, 999\].*\[1000\]"),
         (sample_dpmpp_2m, [-1], {}, r"\[0, 999\]"),
-        (sample_ddim, [5.0], {}, "integer"),
+        (sample_ddim, [5.0, float("nan")], {}, r"\[0, 999\].*nan"),
+        (sample_heun, [999.5], {}, r"\[0, 999\]"),
+        (sample_unipc, [3, 3], {}, "descending"),
+        (sample_euler_ancestral, [9, 5], {"generator": None}, "Generator"),
         (sample_ddim, [], {}, "non-empty"),
         (sample_ddim, [9, 5], {"eta": 1.5}, "eta"),
         (sample_ddim, [9, 5], {"eta": 0.5}, "Generator"),

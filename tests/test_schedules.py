@@ -11,7 +11,10 @@ from diffusion_core.schedules import (
     BETA_SCHEDULES,
     NoiseSchedule,
     cosine_betas,
+    karras_grid,
+    karras_sigmas,
     linear_betas,
+    sampling_grid,
     sigmoid_betas,
     timestep_grid,
 )
@@ -210,3 +213,77 @@ def test_noise_schedule_bad_betas(betas, message):
 def test_unknown_schedule_name():
     with pytest.raises(ValueError, match=r"'quadratic'.*cosine"):
         NoiseSchedule.from_name("quadratic", T)
+
+
+# --- EDM's sigmas and the Karras grid ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BETA_SCHEDULES))
+def test_sigma_at_integers_and_between(name):
+    """sigma_t = sqrt((1 - a_t) / a_t) at integers; between them linear in log sigma, and t_at
+    inverts it; alpha_sigma at a float t equals the table at integers."""
+    schedule = NoiseSchedule.from_name(name, T)
+    ab = schedule.alphas_cumprod
+    t = torch.arange(T)
+    torch.testing.assert_close(
+        schedule.sigma_at(t.double()), ((1 - ab) / ab).sqrt(), rtol=1e-12, atol=0
+    )
+    frac = torch.tensor([0.25, 10.5, 499.75, 998.9], dtype=F64)
+    lo = frac.floor().long()
+    w = frac - lo
+    log_s = schedule.sigmas.log()
+    expected = ((1 - w) * log_s[lo] + w * log_s[lo + 1]).exp()
+    torch.testing.assert_close(schedule.sigma_at(frac), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(schedule.t_at(schedule.sigma_at(frac)), frac, rtol=0, atol=1e-9)
+    like = torch.zeros(4, 1, 2, 2, dtype=F64)
+    ints = torch.tensor([0, 7, 500, 999])
+    for got, want in zip(
+        schedule.alpha_sigma(ints.double(), like), schedule.alpha_sigma(ints, like), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        schedule.sigma_at(torch.tensor([999.5]))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 10, 35, 200])
+def test_karras_grid_closed_form(num_steps):
+    """The grid's sigmas are Karras et al. 2022 Eq. 5 with rho = 7 from sigma_max = sigma_999 to
+    sigma_min = sigma_0, and the grid runs from T - 1 to 0."""
+    schedule = NoiseSchedule.from_name("linear", T)
+    grid = karras_grid(schedule, num_steps)
+    assert grid.dtype == F64 and len(grid) == num_steps and (grid[1:] < grid[:-1]).all()
+    smin, smax = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+    i = torch.arange(num_steps, dtype=F64)
+    ramp = i / max(num_steps - 1, 1)
+    eq5 = (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7
+    torch.testing.assert_close(schedule.sigma_at(grid), eq5, rtol=1e-10, atol=0)
+    assert grid[0] == T - 1 and (num_steps == 1 or grid[-1] == 0)
+    assert torch.equal(sampling_grid(schedule, num_steps, spacing="karras"), grid)
+
+
+def test_karras_grid_matches_diffusers():
+    """diffusers' EulerDiscreteScheduler(use_karras_sigmas=True) over a linspace grid, to its
+    float32 rounding."""
+    diffusers = pytest.importorskip("diffusers")
+    schedule = NoiseSchedule.from_name("linear", T)
+    for n in (5, 10, 25, 50):
+        ref = diffusers.EulerDiscreteScheduler(
+            num_train_timesteps=T, timestep_spacing="linspace", use_karras_sigmas=True
+        )
+        ref.set_timesteps(n)
+        grid = karras_grid(schedule, n)
+        torch.testing.assert_close(ref.timesteps.double(), grid, rtol=0, atol=1e-2)
+        torch.testing.assert_close(
+            ref.sigmas[:-1].double(), schedule.sigma_at(grid), rtol=2e-4, atol=0
+        )
+
+
+def test_karras_sigmas_and_sampling_grid_bad_input():
+    schedule = NoiseSchedule.from_name("linear", T)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        karras_sigmas(1.0, 0.5, 10)
+    with pytest.raises(ValueError, match=r"\[1, 1000\]"):
+        karras_grid(schedule, 0)
+    with pytest.raises(ValueError, match=r"'uniform'.*karras"):
+        sampling_grid(schedule, 10, spacing="uniform")
+    assert torch.equal(sampling_grid(schedule, 10, spacing="leading"), timestep_grid(T, 10))

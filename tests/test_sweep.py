@@ -72,14 +72,16 @@ def test_sweep_counts_one_network_call_per_step_with_batched_guidance(single_thr
         SweepSetting(sampler="ddpm", steps=7),
         SweepSetting(sampler="ddim", steps=3),
         SweepSetting(sampler="dpmpp_2m", steps=4),
+        SweepSetting(sampler="heun", steps=4, spacing="karras"),
     )
     for scale in (1.0, 2.0):
         base = SampleRequest(guidance_scale=scale, batch_size=4, num_samples=10)  # 3 batches
         rows = run_sweep(net, card, base, settings, score=score)
-        assert [(r["sampler"], r["nfe"]) for r in rows] == [
-            ("ddpm", 7),
-            ("ddim", 3),
-            ("dpmpp_2m", 4),
+        assert [(r["sampler"], r["nfe"], r["spacing"]) for r in rows] == [
+            ("ddpm", 7, "leading"),
+            ("ddim", 3, "leading"),
+            ("dpmpp_2m", 4, "leading"),
+            ("heun", 7, "karras"),  # 2 x 4 - 1
         ]
         assert all(r["fid_low"] < r["fid"] < r["fid_high"] and r["wall_seconds"] > 0 for r in rows)
         assert {r["guidance_scale"] for r in rows} == {scale}
@@ -93,7 +95,7 @@ def test_cli_evaluate_rejects_a_bad_evaluation_file_before_starting(tmp_path, ca
     from diffpipe.flows.cli import main
 
     bad = tmp_path / "sweep.yaml"
-    bad.write_text(yaml.safe_dump({"evaluation": {"sweep": [{"sampler": "euler", "steps": 5}]}}))
+    bad.write_text(yaml.safe_dump({"evaluation": {"sweep": [{"sampler": "lms", "steps": 5}]}}))
     assert main(["evaluate", "--model", "models:/none/1", "--evaluation", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "evaluation.sweep.0.sampler" in err

@@ -316,6 +316,75 @@ def half_sample_interval(
     return centre - half_width, centre + half_width
 
 
+def paired_fid_gap(
+    generated: Tensor,
+    baseline: Tensor,
+    reference: Tensor,
+    *,
+    draws: int = 100,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """FID(generated, reference) - FID(baseline, reference) and its half-sample interval, paired:
+    row i of ``generated`` and ``baseline`` must come from the same seed (common random numbers),
+    and every draw takes the same rows of both and the same reference half, so the noise the two
+    share (the reference draw, the seeds) cancels in the difference."""
+    if generated.shape != baseline.shape:
+        raise ValueError(
+            f"paired sets must have the same shape, got {tuple(generated.shape)} and "
+            f"{tuple(baseline.shape)}"
+        )
+    d = generated.shape[1]
+
+    def gap(both: Tensor, ref: Tensor) -> float:
+        return fid(both[:, :d], ref) - fid(both[:, d:], ref)
+
+    both = torch.cat([generated, baseline], dim=1)  # (N, 2d): rows stay paired in every draw
+    low, high = half_sample_interval(gap, both, reference, draws=draws, level=level, seed=seed)
+    return gap(both, reference), low, high
+
+
+def floor_draws(
+    generated: Tensor, reference: Tensor, *, draws: int = 50, seed: int = 0
+) -> dict[str, float]:
+    """Generated features against the real-vs-real floor at the same count, over many draws.
+
+    Each draw splits ``reference`` into two disjoint random halves A and B of h = min(len(reference)
+    // 2, len(generated)) and takes h random generated samples G: FID(G, A) beside the floor
+    FID(B, A), and precision/recall of G against A beside those of B against A. One split is
+    noisy (with 297 references FID's floor moves by about a third from split to split); the means
+    over draws compare generated and real at equal counts. ``*_std`` is the spread of one draw;
+    ``fid_gap`` the mean of the paired difference FID(G, A) - FID(B, A).
+    """
+    h = min(len(reference) // 2, len(generated))
+    if h < MIN_IMAGES:
+        raise ValueError(f"{len(reference)} reference images: too few to split for the floor")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(draws):
+        perm = torch.randperm(len(reference), generator=g)
+        ref_a, ref_b = reference[perm[:h]], reference[perm[h : 2 * h]]
+        gen = generated[torch.randperm(len(generated), generator=g)[:h]]
+        pr, pr_floor = precision_recall(gen, ref_a), precision_recall(ref_b, ref_a)
+        rows.append(
+            [
+                fid(gen, ref_a),
+                fid(ref_b, ref_a),
+                pr["precision"],
+                pr_floor["precision"],
+                pr["recall"],
+                pr_floor["recall"],
+            ]
+        )
+    table = torch.tensor(rows, dtype=torch.float64)  # (draws, 6)
+    mean, std = table.mean(0).tolist(), table.std(0).tolist()
+    gap = table[:, 0] - table[:, 1]
+    names = ["fid", "fid_floor", "precision", "precision_floor", "recall", "recall_floor"]
+    out = {f"{k}_h": m for k, m in zip(names, mean, strict=True)}
+    out |= {f"{k}_h_std": sd for k, sd in zip(names, std, strict=True)}
+    return out | {"fid_gap": float(gap.mean()), "fid_gap_std": float(gap.std()), "h": float(h)}
+
+
 # ----------------------------------------------------------------------------------------------
 # One evaluation.
 

@@ -47,7 +47,11 @@ RECORD_KEYS = (
     "spacing",
     "eta",
     "guidance_scale",
+    "guidance_interval",
 )
+# Keys added to the record after records were first written, with the value every older record
+# implicitly had: a record without the key matches one that holds this value.
+RECORD_DEFAULTS: dict[str, Any] = {"guidance_interval": None}
 FID_KEYS = ("fid", "fid_low", "fid_high")
 
 
@@ -93,7 +97,9 @@ class Decision:
 
 
 def record_mismatch(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The record keys on which two evaluations differ (missing keys count as differing)."""
+    """The record keys on which two evaluations differ (missing keys count as differing, except
+    those of ``RECORD_DEFAULTS``, which read as their default)."""
+    a, b = RECORD_DEFAULTS | a, RECORD_DEFAULTS | b
     return [k for k in RECORD_KEYS if k not in a or k not in b or str(a[k]) != str(b[k])]
 
 
@@ -222,5 +228,6 @@ def sampling_record(knobs: Mapping[str, Any], *, nfe: int, seed: int) -> dict[st
         "spacing": knobs["spacing"],
         "eta": knobs["eta"],
         "guidance_scale": knobs["guidance_scale"],
+        "guidance_interval": knobs.get("guidance_interval"),
         "seed": seed,
     }

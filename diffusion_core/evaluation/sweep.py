@@ -3,8 +3,8 @@ setting judged by FID (with its interval) beside its network evaluations and wal
 
 NFE counts the calls of the network's forward per sample, measured with a forward hook. With
 classifier-free guidance the conditional and unconditional halves run as one forward on a 2B
-batch, which counts once: NFE is then the number of sampler steps for DDPM, DDIM and
-DPM-Solver++(2M). Every setting starts from the same per-sample seeds (common random numbers), so
+batch, which counts once: NFE is then the number of sampler steps, or 2 x steps - 1 for Heun.
+Every setting starts from the same per-sample seeds (common random numbers), so
 differences between settings are not noise draws. The sweep judges raw samples: it runs no safety
 filter (its images are measured, never published).
 """
@@ -61,6 +61,7 @@ def sweep_row(
     return {
         "sampler": samples.knobs.sampler,
         "steps": samples.knobs.steps,
+        "spacing": samples.knobs.spacing,
         "nfe": calls[0] / batches,
         "wall_seconds": seconds,
         "fid": scores["fid"],
@@ -84,13 +85,13 @@ def run_sweep(
     score: Scorer,
     dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per setting; every other sampling knob (guidance, seed, spacing, count) from
-    ``base`` and the card."""
+    """One row per setting; every other sampling knob (guidance, seed, count, and the spacing
+    unless the setting names one) from ``base`` and the card."""
     return [
         sweep_row(
             net,
             card,
-            base.model_copy(update={"sampler": s.sampler, "steps": s.steps}),
+            base.model_copy(update=s.model_dump(exclude_none=True)),
             score=score,
             dtype=dtype,
         )
