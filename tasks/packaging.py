@@ -75,5 +75,16 @@ def input_example(card: ModelCard) -> dict[str, Any]:
     return example
 
 
+# The options ``load_context`` reads from ``model_config``, with their defaults. MLflow passes a
+# load-time ``model_config`` key to the model only when the logged model declares that key, so
+# every one is declared here (null: the model's own default).
+MODEL_CONFIG: dict[str, Any] = {
+    "device": "auto",
+    "precision": "auto",
+    "sampling": None,
+    "max_samples": None,
+}
+
+
 def signature() -> ModelSignature:
     return ModelSignature(inputs=REQUEST_SCHEMA)

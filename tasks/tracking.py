@@ -182,6 +182,7 @@ def register_model(
             pip_requirements=packaging.pip_requirements(card),
             signature=packaging.signature(),
             input_example=packaging.input_example(card),
+            model_config=packaging.MODEL_CONFIG,
             mlflow_model=Model(
                 artifact_path=logged.artifact_location,
                 run_id=run_id,

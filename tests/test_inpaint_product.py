@@ -52,6 +52,31 @@ def registry(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+def test_load_time_options_reach_the_registered_model(registry):
+    """The version's default sampling (a sweep's choice in ``diffpipe.sampling``) and the load
+    options pass through ``model_config`` to the model."""
+    import json
+
+    from diffpipe.tasks import tracking
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    plain = tracking.load_registered("models:/tiny/1").unwrap_python_model()
+    assert plain.card.sampling.steps == TINY["sample"]["steps"] and plain.max_samples > 7
+    sampling = plain.card.sampling.model_copy(update={"sampler": "ddpm", "steps": 7})
+    client = mlflow.MlflowClient(uri, uri)
+    client.set_model_version_tag("tiny", "1", "diffpipe.sampling", sampling.model_dump_json())
+    try:
+        loaded = tracking.load_registered("models:/tiny@champion", max_samples=7)
+        model = loaded.unwrap_python_model()
+        assert (model.card.sampling.sampler, model.card.sampling.steps) == ("ddpm", 7)
+        assert model.max_samples == 7
+        with pytest.raises(Exception, match="7"):
+            loaded.predict({"num_samples": 8})
+    finally:
+        client.delete_model_version_tag("tiny", "1", "diffpipe.sampling")
+    assert json.loads(sampling.model_dump_json())["steps"] == 7
+
+
 def digit(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)
 
@@ -221,7 +246,8 @@ def test_cli_output_kind_must_match_input_kind(registry, tmp_path, capsys):
     assert "folder" in capsys.readouterr().err
 
 
-def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypatch):
+def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFPIPE_HOME", str(tmp_path / "home"))
     for i, name in enumerate("abc"):
         save(tmp_path / "in" / f"{name}.png", digit(i))
     mask = save(tmp_path / "mask.png", half_mask())
@@ -248,11 +274,14 @@ def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypat
         str(out),
         *FAST,
     ]
-    with pytest.raises(OSError, match="disk full"):
-        main(args)
+    assert main(args) == 1  # a failed run, not bad input: a message, the traceback in a log
+    err = capsys.readouterr().err
+    assert "failed: OSError: disk full" in err and "Traceback" not in err
+    (log,) = (tmp_path / "home" / "logs").iterdir()
+    assert str(log) in err and "Traceback" in log.read_text()
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
     assert not np.asarray(Image.open(out / "a.png")).any()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mask.png", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "in", "mask.png", "out"]
 
 
 # -------------------------------------------------------------------------------------- pyfunc
