@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_core.config import load_config
 from diffusion_core.data import load_dataset, split_dataset
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
 from diffusion_core.io import sha256_file
 from diffusion_core.model import ModelCard, load_model
@@ -62,7 +62,7 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 def judged(images: torch.Tensor, labels: torch.Tensor, ctx: dict[str, Any]) -> dict[str, float]:
     """Every figure of one setting: torch-fidelity's, the equal-count floor draws, accuracy."""
-    m = fidelity.score(images, ctx["holdout"], ctx["extractor"], draws=100)
+    m = quality.score(images, ctx["holdout"], ctx["extractor"], draws=100)
     feats = ctx["judge"].features(images)
     m |= fidelity.floor_draws(feats, ctx["holdout_features"], draws=ctx["draws"])
     m["conditional_accuracy"] = ctx["judge"].accuracy(images, labels)

@@ -135,7 +135,7 @@ def main() -> None:
         settings = tuple(setting(s) for s in (args.sweep or FULL_SWEEP))
         reference = train_set if args.sweep_reference == "train" else holdout
         score_ref = partial(
-            fidelity.score, reference=reference.images, extractor=extractor, draws=args.draws
+            quality.score, reference=reference.images, extractor=extractor, draws=args.draws
         )
         ref_feats = judge.features(reference.images)
         rows, feats = [], []

@@ -33,7 +33,7 @@ import torch
 from diffusion_core.config import load_config
 from diffusion_core.data import ImageDataset, load_dataset, split_dataset
 from diffusion_core.data.shapes import SHAPE_COLOURS, SHAPE_NAMES, SHAPE_POSITIONS, shape_caption
-from diffusion_core.evaluation import fidelity
+from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
 from diffusion_core.evaluation.shapes import adherence, detect, parse_caption
 from diffusion_core.io import sha256_file
@@ -132,7 +132,7 @@ def main() -> None:
         )
         seconds = time.perf_counter() - t1
         images = samples.images
-        m = fidelity.score(images, holdout.images, extractor)
+        m = quality.score(images, holdout.images, extractor)
         m |= fidelity.floor_draws(judge.features(images), reference, draws=args.draws)
         seen_idx = (~is_unseen).nonzero().flatten()
         on_seen = adherence(images[seen_idx], [ref_prompts[i] for i in seen_idx])

@@ -6,7 +6,7 @@ sample class-balanced volumes, safety-filter them (detectors on maximum-intensit
 evaluate and write the report. Prints the wall time of each stage and the figures:
 
 * KID: unbiased squared MMD with the cubic polynomial kernel (torch-fidelity, through the
-  pipeline's ``fidelity.score`` as for images) on the 64-d features of a small 3-D CNN trained on
+  pipeline's ``quality.score`` as for images) on the 64-d features of a small 3-D CNN trained on
   the training split, with its half-sample interval; ``kid_half`` (as many generated volumes as
   one holdout half, against that half) beside ``kid_floor_half`` (the two disjoint holdout
   halves).
