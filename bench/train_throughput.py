@@ -82,7 +82,9 @@ def build_ours(lay: Layout) -> UNet:
     )
 
 
-def build_diffusers(lay: Layout) -> nn.Module:
+def build_diffusers(lay: Layout, *, scale_shift: bool = False) -> nn.Module:
+    """diffusers' UNet2DModel in ``lay``; ``scale_shift`` conditions its residual blocks on the
+    time embedding by scale and shift (FiLM) as ours do, instead of adding a shift."""
     from diffusers import UNet2DModel
 
     res = [lay.size // 2**i for i in range(len(lay.channels))]
@@ -99,6 +101,8 @@ def build_diffusers(lay: Layout) -> nn.Module:
         up_block_types=up,
         attention_head_dim=lay.channels[-1] // lay.num_heads,
         norm_num_groups=num_groups(lay.channels[0]),
+        attn_norm_num_groups=num_groups(lay.channels[0]),  # the middle block's too
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
         num_class_embeds=None if lay.num_classes is None else lay.num_classes + 1,
     )
     return cast(nn.Module, model)
@@ -147,10 +151,13 @@ def train_step(
     return loss.detach()
 
 
-def make_step(net: nn.Module, net_fn: NetFn, lay: Layout, use_trainer: bool) -> StepFn:
+def make_step(
+    net: nn.Module, net_fn: NetFn, lay: Layout, use_trainer: bool, *, fused: bool = False
+) -> StepFn:
+    """The training step of ``net``; ``fused`` takes AdamW's fused kernel (one per device)."""
     schedule = NoiseSchedule.from_name("linear", 1000)
     params = list(net.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
     if use_trainer:
         from diffusion_core.training import TrainStep
 
@@ -243,6 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=7, help="timed chunks per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--compile", action="store_true", help="torch.compile our U-Net")
+    p.add_argument("--compile-diffusers", action="store_true", help="torch.compile the peer too")
+    p.add_argument(
+        "--channels-last", action="store_true", help="ours: channels-last weights, input"
+    )
+    p.add_argument("--fused-adamw", action="store_true", help="ours: AdamW(fused=True)")
     p.add_argument("--no-diffusers", action="store_true", help="time only our U-Net")
     p.add_argument("--own-step", action="store_true", help="ignore TrainStep, use train_step")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -272,28 +284,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cond = Cond(labels=labels)
 
     ours = build_ours(lay).to(device)
+    inputs = {"ours": x0, "diffusers": x0}
+    if args.channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+        inputs["ours"] = x0.contiguous(memory_format=torch.channels_last)
     models: dict[str, tuple[nn.Module, NetFn]] = {}
+    compiled = {"ours": args.compile, "diffusers": args.compile_diffusers}
     compile_s: dict[str, float | None] = {"ours": None, "diffusers": None}
     ours_fn: nn.Module = compile_unet(ours) if args.compile else ours
     models["ours"] = (ours, ours_fn)
     if not args.no_diffusers:
         ref = build_diffusers(lay).to(device)
-        models["diffusers"] = (ref, diffusers_fn(ref))
+        models["diffusers"] = (
+            ref,
+            diffusers_fn(compile_unet(ref) if compiled["diffusers"] else ref),
+        )
 
-    step_fns = {name: make_step(net, fn, lay, use_trainer) for name, (net, fn) in models.items()}
+    fused = {"ours": args.fused_adamw, "diffusers": False}
+    step_fns = {
+        name: make_step(net, fn, lay, use_trainer, fused=fused[name])
+        for name, (net, fn) in models.items()
+    }
     flops = {}
     for name, step in step_fns.items():
         t0 = time.perf_counter()
-        step(x0, cond)  # includes compilation when --compile
+        step(inputs[name], cond)  # includes compilation when compiled
         sync(device)
-        if args.compile and name == "ours":
+        if compiled[name]:
             compile_s[name] = time.perf_counter() - t0
-        if not (args.compile and name == "ours"):
-            flops[name] = flop_per_image(step, x0, cond)
+            # count the eager model's FLOP: the same arithmetic
+            net = models[name][0]
+            eager = ours if name == "ours" else diffusers_fn(net)
+            flops[name] = flop_per_image(make_step(net, eager, lay, use_trainer), x0, cond)
+        else:
+            flops[name] = flop_per_image(step, inputs[name], cond)
         for _ in range(args.warmup):
-            step(x0, cond)
-    if args.compile:  # count the eager model's FLOP: the same arithmetic
-        flops["ours"] = flop_per_image(make_step(ours, ours, lay, use_trainer), x0, cond)
+            step(inputs[name], cond)
 
     runs: dict[str, list[float]] = {name: [] for name in step_fns}
     cpu_runs: dict[str, list[float]] = {name: [] for name in step_fns}
@@ -302,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ceiling_runs.append(matmul_chunk(device, lay.precision))
         order = list(step_fns) if r % 2 == 0 else list(reversed(step_fns))
         for name in order:
-            wall, cpu = timed_chunk(step_fns[name], x0, cond, steps)
+            wall, cpu = timed_chunk(step_fns[name], inputs[name], cond, steps)
             runs[name].append(wall)
             cpu_runs[name].append(cpu)
     ceiling = statistics.median(ceiling_runs)
@@ -327,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"layout={args.layout} batch={lay.batch} size={lay.size}x{lay.size}x{lay.in_channels} "
         f"channels={lay.channels} res_blocks={lay.num_res_blocks} "
         f"attention={lay.attention_resolutions} classes={lay.num_classes} "
-        f"precision={lay.precision} device={device} compile={args.compile}"
+        f"precision={lay.precision} device={device} compile={args.compile} "
+        f"compile_diffusers={args.compile_diffusers} channels_last={args.channels_last} "
+        f"fused_adamw={args.fused_adamw}"
     )
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -354,8 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio = results[0].img_per_s / results[1].img_per_s
         cpu_ratio = results[0].img_per_cpu_s / results[1].img_per_cpu_s
         print(
-            f"ours/diffusers: {ratio:.2f}x wall-clock (median of per-repeat ratios "
-            f"{statistics.median(ratios):.2f}x), {cpu_ratio:.2f}x per CPU second"
+            f"ratio ours/diffusers: {ratio:.2f} (wall-clock; median of per-repeat ratios "
+            f"{statistics.median(ratios):.2f}, per CPU second {cpu_ratio:.2f})"
         )
 
     report = {
@@ -363,6 +391,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layout": args.layout,
         "config": asdict(lay),
         "compile": args.compile,
+        "compile_diffusers": args.compile_diffusers,
+        "channels_last": args.channels_last,
+        "fused_adamw": args.fused_adamw,
         "step_code": step_code,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
