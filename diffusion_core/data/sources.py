@@ -22,6 +22,7 @@ from PIL import Image
 from diffusion_core.config import DataConfig
 from diffusion_core.data.dataset import DatasetError, ImageDataset, match_channels, resize_uint8
 from diffusion_core.io import CONVERT, ImageReadError, image_tensor, open_image
+from diffusion_core.remote import bounded
 from diffusion_core.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,28 @@ def load_digits(cfg: DataConfig) -> ImageDataset:
 
 
 def _storage_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint."""
+    """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint and
+    the settings' timeouts and tries bound every request (``config_kwargs`` win)."""
     options = dict(storage_options or {})
     protocol, _ = fsspec.core.split_protocol(url)
-    endpoint = settings().aws_endpoint_url
+    if protocol not in ("s3", "s3a"):
+        return options
+    current = settings()
     client_kwargs = options.get("client_kwargs") or {}
     if (
-        protocol in ("s3", "s3a")
-        and endpoint
+        current.aws_endpoint_url
         and "endpoint_url" not in options
         and "endpoint_url" not in client_kwargs
     ):
-        options["endpoint_url"] = endpoint
+        options["endpoint_url"] = current.aws_endpoint_url
+    options["config_kwargs"] = current.s3_config() | dict(options.get("config_kwargs") or {})
     return options
+
+
+def _filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The filesystem and path of ``url`` (S3 requests bounded: ``diffusion_core.remote``)."""
+    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    return bounded(fs), root
 
 
 def _is_image(path: str) -> bool:
@@ -209,7 +219,7 @@ def source_fingerprint(cfg: DataConfig) -> str:
     if not cfg.root:
         return f"builtin:{cfg.kind}"
     url = str(cfg.root)
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, None))
+    fs, root = _filesystem(url, None)
     root = root.rstrip("/") or root
     try:
         if not fs.isdir(root):
@@ -239,7 +249,7 @@ def list_folder(
     """The filesystem and root of the ``what`` folder at ``url``, and its files that ``accept``
     takes, with labels and class names (see ``_list_images``); a missing or unlistable folder is
     a DatasetError naming the URL."""
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    fs, root = _filesystem(url, storage_options)
     root = root.rstrip("/") or root
     if not fs.isdir(root):
         kind = "not a folder" if fs.exists(root) else "not found"
