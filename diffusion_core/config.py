@@ -118,6 +118,9 @@ class DataConfig(StrictModel):
     """Seed of the train/holdout split (and of the synthetic sets)."""
     num_samples: int = Field(2000, ge=1)
     """Synthetic sets only: how many items to draw."""
+    follow_symlinks: bool = False
+    """Folders on local disk: read symbolic links whose target lies outside data.root (off: such
+    a link is an error naming it; links inside the root are always read)."""
 
     @model_validator(mode="after")
     def _root_required(self) -> DataConfig:

@@ -95,10 +95,12 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from diffusion_core.data import load_dataset, split_dataset
+    from diffusion_core.pipeline.stages.dataset import check_fits
     from diffusion_core.training import train
 
     out = Path(args.out) if args.out else diffpipe_home() / "runs" / cfg.name
     dataset = load_dataset(cfg.data)
+    check_fits(cfg, dataset.class_names)
     train_set, _ = split_dataset(
         dataset, holdout_fraction=cfg.data.holdout_fraction, seed=cfg.data.split_seed
     )

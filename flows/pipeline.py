@@ -43,7 +43,7 @@ from diffusion_core.config import (
 from diffusion_core.evaluation.promotion import reevaluable
 from diffusion_core.model import ModelCard
 from diffusion_core.pipeline.layout import RunLayout
-from diffusion_core.pipeline.stages.dataset import DatasetRef
+from diffusion_core.pipeline.stages.dataset import DatasetRef, check_fits
 from diffusion_core.pipeline.stages.evaluate import Evaluation
 from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
 from diffusion_core.pipeline.stages.report import ReportInputs
@@ -345,6 +345,8 @@ def _nightly(cfg: RunConfig, name: str, evaluate: bool) -> dict[str, Any]:
         root, uri = target.artefact_root, target.tracking_uri
         with run.step("prepare_dataset"):
             data, cached = steps.prepare_dataset_cached(cfg.data, root)
+            check_fits(cfg, data.class_names)  # before any training
+            registry.log_metrics(uri, run.run_id, {"dataset/skipped": data.skipped})
         parent = None
         if cfg.train.init_from != "none":
             with run.step("warm_start"):
@@ -429,6 +431,7 @@ def evaluate_model(
         with run.step("load"):
             card = registry.read_card(root, checkpoint_prefix)
             data = DatasetRef.from_json(version.tags["diffpipe.dataset"], dims=card.dims)
+            check_fits(cfg, data.class_names, training=False)
             history = registry.training_history(uri, version.run_id)
         subject = Subject(model, checkpoint_prefix, data, card, history)
         summary = {"run_id": run.run_id} | evaluate_chain(cfg, run, subject)
