@@ -220,6 +220,7 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
         decision = registry.compare_promote(
             uri, model, evaluation, cfg.promotion, champion_evaluation
         )
+        run.promoted, run.champion_before = decision["promoted"], decision["previous_champion"]
         comparison = registry.comparison_rows(uri, model.name)
     if not decision["promoted"] and rival is not None:
         emit_rejected(model, run.target, decision)
@@ -375,6 +376,7 @@ def _nightly(cfg: RunConfig, name: str, evaluate: bool) -> dict[str, Any]:
                     **lineage,
                 },
             )
+            run.registered = model  # taken back if the run fails from here on
             card = registry.read_card(root, ckpt.prefix)
         emit_registered(model, target, run.run_id, evaluates=evaluate)
         summary: dict[str, Any] = {

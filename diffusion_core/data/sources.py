@@ -143,10 +143,13 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes | OSError:
 
 def _parse_captions_csv(text: str, where: str) -> dict[str, str]:
     reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    if "file" not in fields or "caption" not in fields:
-        raise DatasetError(f"{where}: needs columns 'file' and 'caption', found {fields}")
-    return {row["file"]: row["caption"] or "" for row in reader if row.get("file")}
+    try:
+        fields = reader.fieldnames or []
+        if "file" not in fields or "caption" not in fields:
+            raise DatasetError(f"{where}: needs columns 'file' and 'caption', found {fields}")
+        return {row["file"]: row["caption"] or "" for row in reader if row.get("file")}
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's limit, ...
+        raise DatasetError(f"{where}:{reader.line_num}: not readable CSV ({exc})") from None
 
 
 def _parse_captions_jsonl(text: str, where: str) -> dict[str, str]:
