@@ -118,6 +118,9 @@ class DataConfig(StrictModel):
     """Seed of the train/holdout split (and of the synthetic sets)."""
     num_samples: int = Field(2000, ge=1)
     """Synthetic sets only: how many items to draw."""
+    follow_symlinks: bool = False
+    """Folders on local disk: read symbolic links whose target lies outside data.root (off: such
+    a link is an error naming it; links inside the root are always read)."""
 
     @model_validator(mode="after")
     def _root_required(self) -> DataConfig:
@@ -688,10 +691,47 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> str:
     return f"key '{key}': {msg} (got {error.get('input')!r})"
 
 
+MAX_CONFIG_VALUES = 100_000  # values a config may hold with its YAML aliases expanded
+MAX_CONFIG_DEPTH = 64  # how deep its mappings and lists may nest
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse a config that nests too deeply, holds itself, or stands for more than
+    :data:`MAX_CONFIG_VALUES` values: YAML aliases let a few lines repeat a list within a list
+    until it holds billions of values (and a value may even contain itself)."""
+    sizes: dict[int, int] = {}  # a value seen through several aliases is counted once per use
+    open_ids: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if not isinstance(node, dict | list):
+            return 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: values nested more than {MAX_CONFIG_DEPTH} levels deep")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_ids:
+            raise ConfigError(f"{source}: a YAML alias makes a value contain itself")
+        open_ids.add(id(node))
+        total = 1
+        for child in node.values() if isinstance(node, dict) else node:
+            total += size(child, depth + 1)
+            if total > MAX_CONFIG_VALUES:
+                raise ConfigError(
+                    f"{source}: more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "
+                    "are expanded; write the values out"
+                )
+        open_ids.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(data, 0)
+
+
 def parse_config(data: dict[str, Any], *, source: str = "<config>") -> RunConfig:
     """Validate a raw mapping into a RunConfig; errors name ``source``, the key and the rule."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    _check_shape(data, source)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -729,6 +769,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty; a config needs at least a name")
     cfg = parse_config(apply_overrides(data, overrides), source=str(path))

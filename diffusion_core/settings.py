@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     ``MLFLOW_S3_ENDPOINT_URL``); credentials come from the usual AWS variables, read by boto."""
     store_concurrency: int = Field(16, ge=1, le=256, alias="DIFFPIPE_STORE_CONCURRENCY")
     """Files the artefact store moves at once when it writes or reads a directory."""
+    store_connect_timeout: float = Field(
+        10.0, gt=0.0, le=3600.0, allow_inf_nan=False, alias="DIFFPIPE_STORE_CONNECT_TIMEOUT"
+    )
+    """Seconds an S3 request may wait for its connection (the store's and image folders on
+    S3)."""
+    store_read_timeout: float = Field(
+        60.0, gt=0.0, le=3600.0, allow_inf_nan=False, alias="DIFFPIPE_STORE_READ_TIMEOUT"
+    )
+    """Seconds an S3 request may wait for the next bytes of its answer."""
+    store_attempts: int = Field(3, ge=1, le=10, alias="DIFFPIPE_STORE_ATTEMPTS")
+    """Tries of one S3 request (botocore's standard retry mode) before the store operation
+    fails; a stalled endpoint fails it after about attempts x (connect + read timeout)."""
     retry_delays: Annotated[tuple[float, ...], NoDecode] = Field(
         (2.0, 8.0), alias="DIFFPIPE_RETRY_DELAYS"
     )
@@ -100,6 +112,16 @@ class Settings(BaseSettings):
         if not all(math.isfinite(v) and v >= 0 for v in value):
             raise ValueError("delays must be finite and not negative")
         return value
+
+    def s3_config(self) -> dict[str, Any]:
+        """botocore ``Config`` options that bound every S3 request: the connect and read
+        timeouts and the tries (standard retry mode, which retries timeouts, refused connections,
+        throttling and 5xx answers)."""
+        return {
+            "connect_timeout": self.store_connect_timeout,
+            "read_timeout": self.store_read_timeout,
+            "retries": {"total_max_attempts": self.store_attempts, "mode": "standard"},
+        }
 
     def secret(self, variable: str) -> SecretStr | None:
         """The variable ``variable`` as a secret, or None when unset or empty: for names the

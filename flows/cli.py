@@ -248,6 +248,19 @@ def _bad_input() -> tuple[type[BaseException], ...]:
     )
 
 
+def _message(exc: BaseException) -> str:
+    """The error as one line; a pydantic ValidationError as ``what: key: rule (got value)``."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = [
+        f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})"
+        for e in exc.errors()
+    ]
+    return f"{exc.title}: " + "; ".join(problems)
+
+
 def _report(exc: BaseException) -> int:
     """Print what went wrong and return the exit code that says what kind of failure it was
     (with the path of the log file that holds the traceback, when the command keeps one)."""
@@ -272,7 +285,7 @@ def _describe(exc: BaseException) -> int | None:
     if isinstance(exc, RunFailed):
         cause = exc.cause
         if isinstance(cause, _bad_input()):
-            print(f"diffpipe: error in step {exc.step}: {cause}", file=sys.stderr)
+            print(f"diffpipe: error in step {exc.step}: {_message(cause)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         kind = "storage failed" if isinstance(cause, StorageError) else "run failed"
         print(f"diffpipe: {kind} in step {exc.step}: {cause}", file=sys.stderr)
@@ -287,7 +300,7 @@ def _describe(exc: BaseException) -> int | None:
         print(f"diffpipe: storage failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if isinstance(exc, (*_bad_input(), ValueError)):
-        print(f"diffpipe: error: {exc}", file=sys.stderr)
+        print(f"diffpipe: error: {_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return None
 

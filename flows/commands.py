@@ -38,6 +38,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             first = str(exc).strip().splitlines()[0]
             raise UsageError(f"--set {key}: {value!r} is not a YAML value ({first})") from None
+        except RecursionError:
+            raise UsageError(f"--set {key}: the value is nested too deeply") from None
     return out
 
 
@@ -95,10 +97,12 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     from diffusion_core.data import load_dataset, split_dataset
+    from diffusion_core.pipeline.stages.dataset import check_fits
     from diffusion_core.training import train
 
     out = Path(args.out) if args.out else diffpipe_home() / "runs" / cfg.name
     dataset = load_dataset(cfg.data)
+    check_fits(cfg, dataset.class_names)
     train_set, _ = split_dataset(
         dataset, holdout_fraction=cfg.data.holdout_fraction, seed=cfg.data.split_seed
     )
@@ -125,6 +129,8 @@ def sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: a file that is not a .png; give a .png or a folder")
     if out.suffix.lower() not in ("", ".png"):
         raise UsageError(f"--out {out}: a grid is written as .png; give a .png or a folder name")
+    if args.num is not None and args.num < 1:
+        raise UsageError(f"--num must be at least 1, got {args.num}")
     prompts, knobs = _prompts(args), _sampling(args)
     num = args.num if args.num is not None else None if "labels" in knobs else DEFAULT_NUM
     request = SampleRequest(**knobs, prompts=prompts, num_samples=num)
@@ -385,6 +391,7 @@ def verify_watermark(args: argparse.Namespace) -> int:
         try:
             unmarked += not _describe_mark(path, key, strength)
         except wm.WatermarkError as exc:
-            print(f"diffpipe: error: {exc}", file=sys.stderr)
+            said = str(exc) if path in str(exc) else f"{path}: {exc}"
+            print(f"diffpipe: error: {said}", file=sys.stderr)
             unreadable += 1
     return EXIT_BAD_INPUT if unreadable else EXIT_FAILED if unmarked else 0

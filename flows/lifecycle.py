@@ -1,24 +1,33 @@
 """What every flow run shares: where it keeps things (:class:`Target`), its MLflow run with timed
 steps (:class:`RunLifecycle`), the one-run-per-model lock, and the events it emits for
-automations (a version registered, a challenger rejected)."""
+automations (a version registered, a challenger rejected).
+
+A run starts by cleaning up after runs that were killed (:func:`clean_up_after_kills`), and a run
+that fails after registering a version takes it back (no ``challenger`` left pointing at a
+failed run)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from diffpipe.tasks import registry, tracking
+from diffpipe.tasks import recovery, registry, tracking
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
 
 from diffusion_core.config import RunConfig, diffpipe_home
+from diffusion_core.pipeline.cleanup import remove_run_staging, remove_stale_staging
 from diffusion_core.pipeline.errors import RunFailed
 from diffusion_core.pipeline.layout import RunLayout
 from diffusion_core.pipeline.lock import hold
 from diffusion_core.pipeline.store import ArtefactStore, default_root
+
+log = logging.getLogger(__name__)
 
 REGISTERED_EVENT = "diffpipe.model.registered"
 REJECTED_EVENT = "diffpipe.model.rejected"
@@ -41,16 +50,31 @@ class Target:
         )
 
 
+def clean_up_after_kills(target: Target, experiment: str, flow: str) -> None:
+    """What killed runs left: runs of ``flow`` in ``experiment`` still RUNNING with their process
+    gone are marked KILLED and the staging under their prefixes removed; the staging of
+    checkpoints in training directories no live run holds is removed."""
+    store = ArtefactStore(target.artefact_root)
+    for run_id in registry.close_stale_runs(target.tracking_uri, experiment, flow):
+        remove_run_staging(store, run_id)
+    remove_stale_staging(Path(target.work_dir))
+
+
 @dataclass
 class RunLifecycle:
     """One MLflow run for one flow run: steps are timed, the run ends FINISHED when the block
-    completes and FAILED when it raises (re-raised as RunFailed naming the step)."""
+    completes and FAILED when it raises (re-raised as RunFailed naming the step). A version the
+    run registered (``registered``) is taken back when it fails, and the champion alias given
+    back when the run had moved it (``promoted``, from ``champion_before``)."""
 
     target: Target
     run_id: str
     layout: RunLayout
     seconds: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    registered: tracking.ModelRef | None = None
+    promoted: bool = False
+    champion_before: str | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -64,6 +88,8 @@ class RunLifecycle:
         tags: dict[str, str],
         evaluation: bool = False,
     ) -> Iterator[RunLifecycle]:
+        clean_up_after_kills(target, experiment, tags["diffpipe.flow"])
+        tags = {**tags, **recovery.process_tags()}
         run_id = registry.start_run(
             target.tracking_uri, experiment, target.artefact_root, run_name, params, tags
         )
@@ -71,12 +97,30 @@ class RunLifecycle:
         run = cls(target, run_id, layout)
         try:
             yield run
-        except BaseException:
+        except BaseException as exc:
+            run.retract(exc)
             registry.end_run(target.tracking_uri, run_id, "FAILED")
             raise
         seconds = {f"seconds/{k}": v for k, v in run.seconds.items()}
         registry.log_metrics(target.tracking_uri, run_id, seconds)
         registry.end_run(target.tracking_uri, run_id, "FINISHED")
+
+    def retract(self, exc: BaseException) -> None:
+        """Take back the version this run registered, after ``exc`` failed the run (a failure
+        to do so is logged: the run's own error is the one to report)."""
+        if self.registered is None:
+            return
+        reason = f"run {self.run_id} failed: {exc}"
+        try:
+            registry.retract(
+                self.target.tracking_uri,
+                self.registered,
+                reason,
+                self.promoted,
+                self.champion_before,
+            )
+        except Exception as failure:
+            log.warning("could not take back %s: %s", self.registered.uri, failure)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:

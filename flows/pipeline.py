@@ -43,7 +43,7 @@ from diffusion_core.config import (
 from diffusion_core.evaluation.promotion import reevaluable
 from diffusion_core.model import ModelCard
 from diffusion_core.pipeline.layout import RunLayout
-from diffusion_core.pipeline.stages.dataset import DatasetRef
+from diffusion_core.pipeline.stages.dataset import DatasetRef, check_fits
 from diffusion_core.pipeline.stages.evaluate import Evaluation
 from diffusion_core.pipeline.stages.inpaint import InpaintEvaluation
 from diffusion_core.pipeline.stages.report import ReportInputs
@@ -220,6 +220,7 @@ def evaluate_chain(cfg: RunConfig, run: RunLifecycle, subject: Subject) -> dict[
         decision = registry.compare_promote(
             uri, model, evaluation, cfg.promotion, champion_evaluation
         )
+        run.promoted, run.champion_before = decision["promoted"], decision["previous_champion"]
         comparison = registry.comparison_rows(uri, model.name)
     if not decision["promoted"] and rival is not None:
         emit_rejected(model, run.target, decision)
@@ -345,6 +346,8 @@ def _nightly(cfg: RunConfig, name: str, evaluate: bool) -> dict[str, Any]:
         root, uri = target.artefact_root, target.tracking_uri
         with run.step("prepare_dataset"):
             data, cached = steps.prepare_dataset_cached(cfg.data, root)
+            check_fits(cfg, data.class_names)  # before any training
+            registry.log_metrics(uri, run.run_id, {"dataset/skipped": data.skipped})
         parent = None
         if cfg.train.init_from != "none":
             with run.step("warm_start"):
@@ -373,6 +376,7 @@ def _nightly(cfg: RunConfig, name: str, evaluate: bool) -> dict[str, Any]:
                     **lineage,
                 },
             )
+            run.registered = model  # taken back if the run fails from here on
             card = registry.read_card(root, ckpt.prefix)
         emit_registered(model, target, run.run_id, evaluates=evaluate)
         summary: dict[str, Any] = {
@@ -429,6 +433,7 @@ def evaluate_model(
         with run.step("load"):
             card = registry.read_card(root, checkpoint_prefix)
             data = DatasetRef.from_json(version.tags["diffpipe.dataset"], dims=card.dims)
+            check_fits(cfg, data.class_names, training=False)
             history = registry.training_history(uri, version.run_id)
         subject = Subject(model, checkpoint_prefix, data, card, history)
         summary = {"run_id": run.run_id} | evaluate_chain(cfg, run, subject)

@@ -117,12 +117,15 @@ def _finish(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffpipe.flows.server import temporary_server
+
     cfg = load(args)  # parsed once, before anything starts
     prefect_env()
-    log_to_file("run")
-    from diffpipe.flows.pipeline import nightly
+    with temporary_server(diffpipe_home() / "logs"):
+        log_to_file("run")
+        from diffpipe.flows.pipeline import nightly
 
-    _finish(nightly(config=cfg), args)
+        _finish(nightly(config=cfg), args)
     return 0
 
 
@@ -136,21 +139,26 @@ def _evaluation_section(path: str | None) -> EvaluationConfig | None:
         raise ConfigError(f"{path}: file not found")
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply") from None
     if not isinstance(data, dict) or "evaluation" not in data:
         raise ConfigError(f"{path}: needs an 'evaluation:' section")
     return parse_config({"evaluation": data["evaluation"]}, source=path).evaluation
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from diffpipe.flows.server import temporary_server
+
     evaluation = _evaluation_section(args.evaluation)  # validated before anything starts
     cfg = load(args) if args.config else None
     prefect_env()
-    log_to_file("evaluate")
-    from diffpipe.flows.pipeline import evaluate_model
+    with temporary_server(diffpipe_home() / "logs"):
+        log_to_file("evaluate")
+        from diffpipe.flows.pipeline import evaluate_model
 
-    _finish(evaluate_model(model_uri=args.model, config=cfg, evaluation=evaluation), args)
+        _finish(evaluate_model(model_uri=args.model, config=cfg, evaluation=evaluation), args)
     return 0
 
 

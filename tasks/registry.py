@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from diffpipe.tasks import comparison, tracking
+from diffpipe.tasks import comparison, recovery, tracking
 from diffpipe.tasks.steps import io_retries
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -35,6 +35,20 @@ def start_run(
     return tracking.start_run(
         uri, experiment, artefact_root, run_name=run_name, params=params, tags=tags
     )
+
+
+@task(name="close-stale-runs", **tracked)
+def close_stale_runs(uri: str, experiment: str, flow: str) -> list[str]:
+    """Runs of ``flow`` left RUNNING by a process that is gone, marked KILLED; their ids."""
+    return recovery.close_stale_runs(uri, experiment, flow)
+
+
+@task(name="retract", task_run_name="retract-{model.name}-v{model.version}", **tracked)
+def retract(
+    uri: str, model: tracking.ModelRef, reason: str, promoted: bool, champion_before: str | None
+) -> None:
+    """Take back a version whose run failed after registering it (``recovery.retract``)."""
+    recovery.retract(uri, model, reason, promoted=promoted, champion_before=champion_before)
 
 
 @task(name="end-run", task_run_name="end-run-{status}", **tracked)

@@ -47,17 +47,20 @@ from diffusion_core.settings import settings
 
 def transient(exc: BaseException) -> bool:
     """A failure that may heal on a retry: storage or network I/O that failed (not a missing
-    artefact or a checksum mismatch), a refused or timed-out connection."""
+    artefact or a checksum mismatch), a refused or timed-out connection (Python's, requests',
+    or botocore's: a connect or read timeout, an endpoint that cannot be reached)."""
     if isinstance(exc, ArtefactNotFoundError | IntegrityError):
         return False
     if isinstance(exc, StorageError | ConnectionError | TimeoutError):
         return True
-    try:
-        from requests.exceptions import ConnectionError as RequestsConnectionError
-        from requests.exceptions import Timeout
-    except ImportError:  # pragma: no cover - requests comes with mlflow
-        return False
-    return isinstance(exc, RequestsConnectionError | Timeout)
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError  # ReadTimeoutError among them
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import Timeout
+
+    return isinstance(
+        exc, RequestsConnectionError | Timeout | BotoConnectionError | HTTPClientError
+    )
 
 
 def retry_on_io(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

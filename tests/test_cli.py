@@ -157,3 +157,51 @@ def test_inpaint_unreadable_input_exits_2(tmp_path, tiny_config_file, flag, caps
     )
     assert code == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_sample_out_must_be_a_png_or_a_folder_and_num_positive(tmp_path, capsys):
+    jpg = tmp_path / "x.jpg"
+    ckpt = str(tmp_path / "none")
+    assert main(["sample", "--checkpoint", ckpt, "--out", str(jpg)]) == 2
+    assert "--out" in capsys.readouterr().err and not jpg.exists()  # no folder named x.jpg
+    assert main(["sample", "--checkpoint", ckpt, "--num", "-1", "--out", "x.png"]) == 2
+    assert "--num must be at least 1, got -1" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", ckpt, "--steps", "0", "--out", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffpipe: error: SampleRequest: steps:") and err[-1:] == "\n"
+    assert err.count("\n") == 1  # one line, not pydantic's multi-line report
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, capsys, monkeypatch):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    side = 20_000  # 4e8 pixels, over twice Pillow's limit; the file is a few hundred bytes
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1) * 4))
+        + chunk(b"IEND", b"")
+    )
+    monkeypatch.setenv("DIFFPIPE_WATERMARK_KEY", "a key long enough for the watermark")
+    assert main(["verify-watermark", str(bomb)]) == 2
+    err = capsys.readouterr().err
+    assert str(bomb) in err and "decompression bomb" in err and "Traceback" not in err
+
+
+def test_a_run_that_fails_late_exits_1_not_2(capsys):
+    from diffpipe.flows.cli import _report
+
+    from diffusion_core.config import ConfigError
+    from diffusion_core.pipeline.errors import RunFailed
+
+    late = ValueError("runs/r/safety: 0 published samples, too few to evaluate (at least 4)")
+    assert _report(RunFailed("evaluate", late)) == 1
+    assert "run failed in step evaluate: runs/r/safety: 0 published" in capsys.readouterr().err
+    assert _report(RunFailed("prepare_dataset", ConfigError("x.yaml: key 'a'"))) == 2
+    assert "error in step prepare_dataset: x.yaml" in capsys.readouterr().err

@@ -342,6 +342,49 @@ def test_malformed_captions_name_the_file(tmp_path: Path) -> None:
         load_dataset(folder_cfg(str(tmp_path)))
 
 
+def test_links_leaving_the_root_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """A file or a folder linked from outside data.root is an error naming the link; links that
+    stay inside are read; data.follow_symlinks reads them all."""
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    write(root / "one.png", png_bytes(solid(RED)))
+    (root / "again.png").symlink_to(root / "one.png")  # inside: fine
+    assert len(load_dataset(folder_cfg(str(root)))) == 2
+    write(outside / "secret.png", png_bytes(solid(GREEN)))
+    (root / "leak.png").symlink_to(outside / "secret.png")
+    with pytest.raises(DatasetError, match=rf"{root / 'leak.png'}: a symbolic link to .*secret"):
+        load_dataset(folder_cfg(str(root)))
+    (root / "leak.png").unlink()
+    write(outside / "more" / "x.png", png_bytes(solid(BLUE)))
+    (root / "linked").symlink_to(outside / "more", target_is_directory=True)
+    with pytest.raises(DatasetError, match=rf"{root / 'linked'}: .*data.follow_symlinks"):
+        load_dataset(folder_cfg(str(root)))
+    allowed = load_dataset(folder_cfg(str(root), follow_symlinks=True))
+    assert len(allowed) == 1 and allowed.class_names == ["linked"]  # a class folder wins
+
+
+def test_captions_rows_naming_no_image_are_counted_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path / "data" / "one.png", png_bytes(solid(RED)))
+    write(tmp_path / "data" / "two.png", png_bytes(solid(GREEN)))
+    write(tmp_path / "one.png", png_bytes(solid(BLUE)))  # beside the root, not in it
+    (tmp_path / "data" / "captions.csv").write_text(
+        "file,caption\n"
+        "two.png,green\n"
+        "ghost.png,never there\n"
+        "../one.png,outside\n"
+        "/etc/passwd,absolute\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="diffusion_core.data.sources"):
+        ds = load_dataset(folder_cfg(str(tmp_path / "data")))
+    assert ds.captions == ["", "green"]  # one.png's caption is not taken from ../one.png
+    assert ds.skipped == 3
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "skipped 3 captions row(s) naming no image" in warning
+    for named in ("ghost.png (no such image)", "../one.png (outside", "/etc/passwd (outside"):
+        assert named in warning
+
+
 def test_missing_root_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "images"
     with pytest.raises(DatasetError, match="not found") as info:

@@ -5,6 +5,7 @@ turns, and each registered version installs and predicts on its own."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -390,6 +391,86 @@ def night_config(path: Path, folder: Path, **train: object) -> Path:
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def flat_folder(root: Path, count: int) -> Path:
+    """``count`` PNGs straight in ``root`` (no class sub-folders: no labels), one unreadable file
+    and a captions file with a row that names no image."""
+    pattern_folder(root / "tmp", count // 2)
+    root.mkdir(parents=True, exist_ok=True)
+    for path in sorted((root / "tmp").rglob("*.png")):
+        path.rename(root / path.name)
+    for folder in sorted((root / "tmp").iterdir()):
+        folder.rmdir()
+    (root / "tmp").rmdir()
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "captions.csv").write_text("file,caption\nghost.png,never there\n")
+    return root
+
+
+@pytest.mark.slow
+def test_a_flat_folder_runs_end_to_end(harness, tmp_path):
+    """Images without class sub-folders: an unconditional model, memorisation in pixel space,
+    FID/KID/precision/recall on a judge of the images' turn, no conditional accuracy; the two
+    items left out of the source are counted in the summary, MLflow and the report."""
+    import diffpipe.flows.pipeline as pipeline
+    import mlflow
+
+    folder = flat_folder(tmp_path / "flat", 32)
+    config = night_config(tmp_path / "flat.yaml", folder, steps=8, checkpoint_every=8)
+    overrides = {"name": "flat", "evaluation.sweep": [], "pipeline.num_samples": 24}
+    summary = pipeline.nightly(config=str(config), overrides=overrides)
+    assert summary["dataset"]["skipped"] == 2
+    assert summary["samples"]["published"] >= 4
+    metrics = summary["metrics"]
+    for key in ("fid", "kid", "precision", "recall", "judge_holdout_accuracy"):
+        assert key in metrics, key
+    assert "conditional_accuracy" not in metrics and "inception_score" not in metrics
+    assert "memorisation_flag_rate" in metrics  # it ran (in pixel space), not failed closed
+    safety = json.loads(
+        Path(summary["report_uri"].removeprefix("file://"))
+        .parents[1]
+        .joinpath("safety", "summary.json")
+        .read_text()
+    )
+    assert safety["failures"] == {}
+    memorisation = next(d for d in safety["safety"]["detectors"] if d["name"] == "memorisation")
+    assert memorisation["params"]["feature_space"] is False
+    run = mlflow.MlflowClient().get_run(summary["run_id"])
+    assert run.data.metrics["dataset/skipped"] == 2
+    html = Path(summary["report_uri"].removeprefix("file://")).read_text()
+    assert "Data: 2 item(s) of the source were left out" in html
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("model.class_conditional=true", "model.class_conditional"),
+        (
+            'safety.detectors=[{"name": "memorisation", "params": {"feature_space": true}}]',
+            "safety.detectors[0].params.feature_space",
+        ),
+    ],
+)
+def test_settings_that_need_labels_are_refused_before_training(
+    harness, tmp_path, capsys, setting, key
+):
+    from diffpipe.flows.cli import main
+
+    folder = flat_folder(tmp_path / "flat", 8)
+    config = night_config(tmp_path / "flat.yaml", folder)
+    name = f"needs-labels-{key.split('.')[0]}"
+    code = main(["run", "--config", str(config), "--set", f"name={name}", "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "error in step prepare_dataset" in err and f"{key}: true" in err and str(folder) in err
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    assert client.search_model_versions(f"name = '{name}'") == []
+    (run,) = mlflow.search_runs(experiment_names=[f"diffpipe-{name}"], output_format="list")
+    assert run.info.status == "FAILED"
+    assert client.get_metric_history(run.info.run_id, "train/loss") == []  # never trained
 
 
 def champions(client, name: str) -> list[str]:

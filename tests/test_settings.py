@@ -83,3 +83,19 @@ def test_every_variable_is_described() -> None:
     assert all(doc for _, _, doc in rows), [name for name, _, doc in rows if not doc]
     assert "| `DIFFPIPE_RETRY_DELAYS` | `2,8` |" in script.environment_markdown()
     assert script.environment_markdown() in script.README.read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DIFFPIPE_STORE_READ_TIMEOUT", "inf"),
+        ("DIFFPIPE_STORE_CONNECT_TIMEOUT", "0"),
+        ("DIFFPIPE_STORE_ATTEMPTS", "0"),
+    ],
+)
+def test_store_bounds_must_be_finite_and_positive(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=f"{name}='{value}'"):
+        s3_storage_options()

@@ -703,14 +703,22 @@ def test_default_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_s3_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     plain = s3_storage_options(None)
-    assert "endpoint_url" not in plain and "config_kwargs" not in plain  # AWS: botocore defaults
+    assert "endpoint_url" not in plain  # AWS: botocore's checksums, the settings' bounds
+    assert plain["config_kwargs"] == {
+        "connect_timeout": 10.0,
+        "read_timeout": 60.0,
+        "retries": {"total_max_attempts": 3, "mode": "standard"},
+    }
     assert plain["use_listings_cache"] is False and plain["skip_instance_cache"] is True
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("DIFFPIPE_STORE_READ_TIMEOUT", "5")
     opts = s3_storage_options({"config_kwargs": {"connect_timeout": 1}})
     assert opts["endpoint_url"] == "http://127.0.0.1:9000"
     assert opts["config_kwargs"] == {
         "connect_timeout": 1,
+        "read_timeout": 5.0,
+        "retries": {"total_max_attempts": 3, "mode": "standard"},
         "request_checksum_calculation": "when_required",
         "response_checksum_validation": "when_required",
     }
@@ -727,6 +735,7 @@ def test_s3_options(monkeypatch: pytest.MonkeyPatch) -> None:
     store = ArtefactStore("s3://bucket/prefix")
     assert store.fs.config_kwargs["request_checksum_calculation"] == "when_required"
     assert store.fs.endpoint_url == "http://127.0.0.1:9000"
+    assert store.fs.retries == 1  # botocore's tries only
 
 
 def test_filesystem_is_rebuilt_in_a_new_process(

@@ -23,8 +23,8 @@ class ImageDataset:
     """Images (or volumes) in memory with optional labels and captions.
 
     ``images`` is uint8 (N, C, H, W), or (N, C, D, H, W) for volumes; ``labels`` is int64 (N,)
-    or None; ``captions`` has one string per image or is None; ``skipped`` counts unreadable
-    source files left out.
+    or None; ``captions`` has one string per image or is None; ``skipped`` counts what the source
+    held that was left out: unreadable files, and captions rows naming no image of the folder.
     """
 
     images: Tensor

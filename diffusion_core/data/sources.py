@@ -22,6 +22,7 @@ from PIL import Image
 from diffusion_core.config import DataConfig
 from diffusion_core.data.dataset import DatasetError, ImageDataset, match_channels, resize_uint8
 from diffusion_core.io import CONVERT, ImageReadError, image_tensor, open_image
+from diffusion_core.remote import bounded
 from diffusion_core.settings import settings
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,28 @@ def load_digits(cfg: DataConfig) -> ImageDataset:
 
 
 def _storage_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint."""
+    """Copy of ``storage_options``; for s3 URLs, ``AWS_ENDPOINT_URL`` fills in the endpoint and
+    the settings' timeouts and tries bound every request (``config_kwargs`` win)."""
     options = dict(storage_options or {})
     protocol, _ = fsspec.core.split_protocol(url)
-    endpoint = settings().aws_endpoint_url
+    if protocol not in ("s3", "s3a"):
+        return options
+    current = settings()
     client_kwargs = options.get("client_kwargs") or {}
     if (
-        protocol in ("s3", "s3a")
-        and endpoint
+        current.aws_endpoint_url
         and "endpoint_url" not in options
         and "endpoint_url" not in client_kwargs
     ):
-        options["endpoint_url"] = endpoint
+        options["endpoint_url"] = current.aws_endpoint_url
+    options["config_kwargs"] = current.s3_config() | dict(options.get("config_kwargs") or {})
     return options
+
+
+def _filesystem(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The filesystem and path of ``url`` (S3 requests bounded: ``diffusion_core.remote``)."""
+    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    return bounded(fs), root
 
 
 def _is_image(path: str) -> bool:
@@ -75,6 +85,11 @@ def _is_image(path: str) -> bool:
 
 def _is_hidden(path: str) -> bool:
     return posixpath.basename(path.rstrip("/")).startswith(".")
+
+
+def _is_folder(fs: fsspec.AbstractFileSystem, entry: dict[str, Any]) -> bool:
+    """A folder, or (local disk) a symbolic link to one, which fsspec lists as "other"."""
+    return entry["type"] == "directory" or bool(entry.get("islink") and fs.isdir(entry["name"]))
 
 
 def _list_images(
@@ -87,14 +102,13 @@ def _list_images(
     images directly in ``root`` form an unlabelled set and the class list is empty.
     """
     entries = [e for e in fs.ls(root, detail=True) if not _is_hidden(e["name"])]
+    folders = [e["name"] for e in entries if _is_folder(fs, e)]
     classes: dict[str, list[str]] = {}
-    for entry in entries:
-        if entry["type"] != "directory":
-            continue
-        found = sorted(p for p in fs.find(entry["name"]) if accept(p) and not _is_hidden(p))
+    for folder in folders:
+        found = sorted(p for p in fs.find(folder) if accept(p) and not _is_hidden(p))
         if found:
-            classes[posixpath.basename(entry["name"].rstrip("/"))] = found
-    loose = sorted(e["name"] for e in entries if e["type"] != "directory" and accept(e["name"]))
+            classes[posixpath.basename(folder.rstrip("/"))] = found
+    loose = sorted(e["name"] for e in entries if e["name"] not in folders and accept(e["name"]))
     if not classes:
         return loose, [], []
     if loose:
@@ -129,10 +143,13 @@ def _read_one(fs: fsspec.AbstractFileSystem, path: str) -> bytes | OSError:
 
 def _parse_captions_csv(text: str, where: str) -> dict[str, str]:
     reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    if "file" not in fields or "caption" not in fields:
-        raise DatasetError(f"{where}: needs columns 'file' and 'caption', found {fields}")
-    return {row["file"]: row["caption"] or "" for row in reader if row.get("file")}
+    try:
+        fields = reader.fieldnames or []
+        if "file" not in fields or "caption" not in fields:
+            raise DatasetError(f"{where}: needs columns 'file' and 'caption', found {fields}")
+        return {row["file"]: row["caption"] or "" for row in reader if row.get("file")}
+    except csv.Error as exc:  # a NUL byte, a field over the csv module's limit, ...
+        raise DatasetError(f"{where}:{reader.line_num}: not readable CSV ({exc})") from None
 
 
 def _parse_captions_jsonl(text: str, where: str) -> dict[str, str]:
@@ -156,7 +173,9 @@ def _parse_captions_jsonl(text: str, where: str) -> dict[str, str]:
     return captions
 
 
-def _read_captions(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[str, str] | None:
+def _read_captions(
+    fs: fsspec.AbstractFileSystem, root: str, url: str, follow_symlinks: bool = False
+) -> dict[str, str] | None:
     """The root's captions file as {file: caption}, or None when there is none."""
     present = [name for name in CAPTION_FILES if fs.isfile(posixpath.join(root, name))]
     if not present:
@@ -164,6 +183,8 @@ def _read_captions(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[s
     if len(present) > 1:
         raise DatasetError(f"{url}: found both {' and '.join(present)}; keep one")
     name = present[0]
+    if not follow_symlinks:
+        check_links(fs, root, [posixpath.join(root, name)])
     where = posixpath.join(url.rstrip("/"), name)
     try:
         text = fs.cat_file(posixpath.join(root, name)).decode("utf-8-sig")
@@ -174,8 +195,31 @@ def _read_captions(fs: fsspec.AbstractFileSystem, root: str, url: str) -> dict[s
     return _parse_captions_jsonl(text, where)
 
 
+def _escapes(key: str) -> bool:
+    """A captions row whose file lies outside the root (absolute, or climbing out with ``..``)."""
+    normal = posixpath.normpath(key.replace("\\", "/"))
+    return normal.startswith("/") or normal == ".." or normal.startswith("../")
+
+
+def unmatched_captions(table: dict[str, str], relpaths: Sequence[str]) -> list[str]:
+    """The captions rows that name no image in the folder (``relpaths``: every listed image,
+    relative to the root): a path outside the root, or a file that is not there (by its
+    relative path or, failing that, its file name). Each is named with why."""
+    names = {posixpath.basename(rel) for rel in relpaths}
+    listed = set(relpaths)
+    out = []
+    for key in table:
+        if _escapes(key):
+            out.append(f"{key} (outside the root)")
+        elif key not in listed and posixpath.basename(key) not in names:
+            out.append(f"{key} (no such image)")
+    return out
+
+
 def _match_captions(table: dict[str, str], relpaths: Sequence[str], url: str) -> list[str]:
-    """One caption per image: keyed by path relative to the root, else by file name."""
+    """One caption per image: keyed by path relative to the root, else by file name (rows that
+    point outside the root are never used)."""
+    table = {key: caption for key, caption in table.items() if not _escapes(key)}
     by_name: dict[str, str | None] = {}
     for key, caption in table.items():
         name = posixpath.basename(key)
@@ -194,11 +238,40 @@ def _match_captions(table: dict[str, str], relpaths: Sequence[str], url: str) ->
     return captions
 
 
-def report_skips(url: str, skipped: list[str]) -> None:
+def report_skips(url: str, skipped: list[str], what: str = "unreadable image file(s)") -> None:
     if not skipped:
         return
     named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
-    logger.warning("%s: skipped %d unreadable image file(s): %s", url, len(skipped), named)
+    logger.warning("%s: skipped %d %s: %s", url, len(skipped), what, named)
+
+
+def _outside_link(path: str, root: str) -> str | None:
+    """The symbolic link on the way from ``root`` to ``path`` (local paths) whose target lies
+    outside ``root``, or None when ``path`` resolves inside it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) == real_root:
+        return None
+    parts = posixpath.relpath(path, root).split("/")
+    for depth in range(1, len(parts) + 1):
+        step = posixpath.join(root, *parts[:depth])
+        if os.path.islink(step):
+            return step
+    return path
+
+
+def check_links(fs: fsspec.AbstractFileSystem, root: str, paths: Sequence[str]) -> None:
+    """Refuse files of a local folder reached through a symbolic link that leaves ``root``: a
+    DatasetError naming the link and where it points (``data.follow_symlinks`` allows them)."""
+    if "file" not in getattr(fs, "protocol", ()):
+        return
+    for path in paths:
+        link = _outside_link(path, root)
+        if link is not None:
+            raise DatasetError(
+                f"{link}: a symbolic link to {os.path.realpath(link)}, outside data.root "
+                f"{root}; remove it, or set data.follow_symlinks: true to read it"
+            )
 
 
 def source_fingerprint(cfg: DataConfig) -> str:
@@ -209,7 +282,7 @@ def source_fingerprint(cfg: DataConfig) -> str:
     if not cfg.root:
         return f"builtin:{cfg.kind}"
     url = str(cfg.root)
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, None))
+    fs, root = _filesystem(url, None)
     root = root.rstrip("/") or root
     try:
         if not fs.isdir(root):
@@ -235,11 +308,13 @@ def list_folder(
     *,
     accept: Callable[[str], bool] = _is_image,
     storage_options: dict[str, Any] | None = None,
+    follow_symlinks: bool = False,
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str], list[int], list[str]]:
     """The filesystem and root of the ``what`` folder at ``url``, and its files that ``accept``
     takes, with labels and class names (see ``_list_images``); a missing or unlistable folder is
-    a DatasetError naming the URL."""
-    fs, root = fsspec.core.url_to_fs(url, **_storage_options(url, storage_options))
+    a DatasetError naming the URL, and so is a file reached through a symbolic link that leaves
+    the folder, unless ``follow_symlinks``."""
+    fs, root = _filesystem(url, storage_options)
     root = root.rstrip("/") or root
     if not fs.isdir(root):
         kind = "not a folder" if fs.exists(root) else "not found"
@@ -248,18 +323,22 @@ def list_folder(
         paths, labels, class_names = _list_images(fs, root, accept=accept)
     except OSError as exc:
         raise DatasetError(f"{url}: cannot list the {what} folder: {exc}") from exc
+    if not follow_symlinks:
+        check_links(fs, root, paths)
     return fs, root, paths, labels, class_names
 
 
 def load_folder(cfg: DataConfig, *, storage_options: dict[str, Any] | None = None) -> ImageDataset:
     """Images under ``cfg.root`` (any fsspec URL), one class per sub-folder or a flat folder.
 
-    Unreadable files are skipped and counted. ``storage_options`` go to the filesystem; for
-    s3 URLs the ``AWS_ENDPOINT_URL`` environment variable sets the endpoint when given.
+    Unreadable files, and captions rows that name no image of the folder (missing, or outside
+    the root), are skipped, counted and named in the log. ``storage_options`` go to the
+    filesystem; for s3 URLs the ``AWS_ENDPOINT_URL`` environment variable sets the endpoint
+    when given.
     """
     url = str(cfg.root)
     fs, root, paths, labels, class_names = list_folder(
-        url, "image", storage_options=storage_options
+        url, "image", storage_options=storage_options, follow_symlinks=cfg.follow_symlinks
     )
 
     decoded: list[Image.Image] = []
@@ -284,15 +363,18 @@ def load_folder(cfg: DataConfig, *, storage_options: dict[str, Any] | None = Non
         )
 
     channels = cfg.channels or (1 if all(im.mode == "L" for im in decoded) else 3)
-    table = _read_captions(fs, root, url)
+    table = _read_captions(fs, root, url, cfg.follow_symlinks)
     relpaths = [posixpath.relpath(paths[i], root) for i in kept]
+    listed = [posixpath.relpath(path, root) for path in paths]
+    unmatched = [] if table is None else unmatched_captions(table, listed)
+    report_skips(url, unmatched, "captions row(s) naming no image of the folder")
     return ImageDataset(
         images=torch.stack([image_tensor(im, channels) for im in decoded]),
         labels=torch.tensor([labels[i] for i in kept], dtype=torch.long) if class_names else None,
         class_names=class_names,
         captions=None if table is None else _match_captions(table, relpaths, url),
         source=url,
-        skipped=len(skipped),
+        skipped=len(skipped) + len(unmatched),
     )
 
 

@@ -178,7 +178,11 @@ def volume_folder(
     """
     url = str(cfg.root)
     fs, _, paths, labels, class_names = list_folder(
-        url, "volume", accept=_is_npy, storage_options=storage_options
+        url,
+        "volume",
+        accept=_is_npy,
+        storage_options=storage_options,
+        follow_symlinks=cfg.follow_symlinks,
     )
 
     volumes: list[Tensor] = []

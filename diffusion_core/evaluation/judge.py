@@ -1,6 +1,7 @@
 """The judge: a small CNN classifier trained on a dataset's own images. It judges conditional
 accuracy, and its penultimate layer is the feature space of FID, KID and precision/recall when no
-Inception weights are at hand (and always for volumes).
+Inception weights are at hand (and always for volumes). An unlabelled dataset (a flat folder)
+gets a judge all the same: one that tells how far each image was turned (:func:`rotations`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,33 @@ def train_classifier(
     judge = TrainedClassifier(net.eval(), 0.0)
     accuracy = judge.accuracy(holdout.images, holdout.labels)
     return TrainedClassifier(net.eval().cpu(), accuracy)
+
+
+ROTATION_CLASSES = ("0", "90", "180", "270")  # degrees, counter-clockwise
+
+
+def rotations(ds: ImageDataset) -> ImageDataset:
+    """Every image four times, turned by 0, 90, 180 and 270 degrees and labelled by the turn:
+    the pretext task of Gidaris, Singh & Komodakis (2018), "Unsupervised representation learning
+    by predicting image rotations", which needs no labels and whose features follow the images'
+    content (which way is up)."""
+    turned = [torch.rot90(ds.images, k, dims=(-2, -1)) for k in range(len(ROTATION_CLASSES))]
+    return ImageDataset(
+        images=torch.cat(turned),  # (4N, C, H, W) or (4N, C, D, H, W)
+        labels=torch.arange(len(turned)).repeat_interleave(len(ds)),
+        class_names=list(ROTATION_CLASSES),
+        source=f"{ds.source} (turned)",
+    )
+
+
+def train_judge(
+    train_set: ImageDataset, holdout: ImageDataset, *, device: torch.device | str = "cpu"
+) -> TrainedClassifier:
+    """The dataset's judge: a classifier of its classes, or, when it has no labels, of the turn
+    of its images (:func:`rotations`); its holdout accuracy is on that task."""
+    if train_set.labels is None or holdout.labels is None:
+        return train_classifier(rotations(train_set), rotations(holdout), device=device)
+    return train_classifier(train_set, holdout, device=device)
 
 
 def save_classifier(clf: TrainedClassifier, out_dir: Path) -> None:

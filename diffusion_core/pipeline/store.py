@@ -29,8 +29,9 @@ A missing artefact raises :class:`ArtefactNotFoundError` and a checksum mismatch
 retry condition can be ``isinstance(exc, StorageError) and not isinstance(exc,
 (ArtefactNotFoundError, IntegrityError))``.
 
-S3: see ``diffusion_core.pipeline.s3`` for the options a store uses. s3fs is not fork-safe; the
-store recreates its filesystem when it finds itself in a new process.
+S3: see ``diffusion_core.pipeline.s3`` for the options a store uses (timeouts and tries bound
+every request). s3fs is not fork-safe; the store recreates its filesystem when it finds itself in
+a new process.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from diffusion_core.pipeline.errors import (
 )
 from diffusion_core.pipeline.layout import MANIFEST, TMP_DIR, check_key, check_rel, is_tmp
 from diffusion_core.pipeline.s3 import s3_storage_options
+from diffusion_core.remote import bounded
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class ArtefactStore:
     def fs(self) -> Any:
         """The fsspec filesystem; rebuilt in a new process (s3fs is not fork-safe)."""
         if self._fs is None or self._pid != os.getpid():
-            self._fs = fsspec.filesystem(self._protocol, **self._options)
+            self._fs = bounded(fsspec.filesystem(self._protocol, **self._options))
             self._pid = os.getpid()
         return self._fs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_core.config import VOLUME_KINDS, DataConfig
+from diffusion_core.config import VOLUME_KINDS, ConfigError, DataConfig, RunConfig, SafetyConfig
 from diffusion_core.data import ImageDataset, load_dataset, source_fingerprint, split_dataset
 from diffusion_core.data.sharded import ShardedDataset
 from diffusion_core.evaluation.judge import (
     TrainedClassifier,
     load_classifier,
     save_classifier,
-    train_classifier,
+    train_judge,
 )
 from diffusion_core.pipeline.layout import dataset_prefix, judge_prefix
 from diffusion_core.pipeline.store import ArtefactStore
@@ -115,6 +116,47 @@ def prepare_dataset(
     return ref
 
 
+def check_fits(cfg: RunConfig, class_names: Sequence[str], *, training: bool = True) -> None:
+    """The settings that need the data, checked against it before any work: on data without
+    labels (a flat folder), a class-conditional model (``training``) and a memorisation detector
+    in the classifier's feature space cannot be honoured when asked for; the ConfigError names
+    the keys to change. Left at their defaults they adapt: the model trains unconditional, the
+    detector works in pixel space (:func:`pixel_memorisation`)."""
+    if class_names:
+        return
+    source = cfg.data.root or cfg.data.kind if training else "the model's data"
+    where = f"{source} has no class labels (no class sub-folders)"
+    model = cfg.model
+    asked = model.class_conditional and "class_conditional" in model.model_fields_set
+    if training and cfg.text is None and asked:
+        raise ConfigError(
+            f"model.class_conditional: true, but {where}; set model.class_conditional: "
+            "false, or put the images in one sub-folder per class"
+        )
+    for i, detector in enumerate(cfg.safety.detectors):
+        feature_space = detector.params.get("feature_space")
+        if detector.name == "memorisation" and detector.enabled and feature_space is True:
+            raise ConfigError(
+                f"safety.detectors[{i}].params.feature_space: true compares samples in the "
+                f"feature space of the dataset's classifier, but {where}; set it to false "
+                "(pixel space), or put the images in one sub-folder per class"
+            )
+
+
+def pixel_memorisation(safety: SafetyConfig, dataset: DatasetRef) -> SafetyConfig:
+    """``safety`` as it runs on ``dataset``: without labels, the memorisation detector compares
+    in pixel space unless its ``feature_space`` is set (:func:`check_fits` refuses true)."""
+    if dataset.class_names:
+        return safety
+    detectors = tuple(
+        d.model_copy(update={"params": {"feature_space": False, **d.params}})
+        if d.name == "memorisation"
+        else d
+        for d in safety.detectors
+    )
+    return safety.model_copy(update={"detectors": detectors})
+
+
 def read_split(store: ArtefactStore, ref: DatasetRef, split: str) -> ImageDataset:
     """One split of a stored dataset (only its shards are fetched), each verified against the
     manifest."""
@@ -169,12 +211,13 @@ def open_split(store: ArtefactStore, ref: DatasetRef, split: str, cache: Path) -
 def domain_classifier(
     store: ArtefactStore, dataset: DatasetRef, device: torch.device | str = "cpu"
 ) -> tuple[TrainedClassifier, str]:
-    """The dataset's own classifier (on ``device``), trained once per dataset and cached in the
-    store; with the sha256 of its weights."""
+    """The dataset's own classifier (on ``device``; of the images' turn when the dataset has no
+    labels), trained once per dataset and cached in the store; with the sha256 of its
+    weights."""
     prefix = judge_prefix(dataset.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         if not store.exists_dir(prefix):
-            clf = train_classifier(
+            clf = train_judge(
                 read_split(store, dataset, "train"),
                 read_split(store, dataset, "holdout"),
                 device=device,

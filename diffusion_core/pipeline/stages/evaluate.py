@@ -108,6 +108,8 @@ def evaluate_samples(
             seed=seed,
             labels=None if labels is None or holdout.labels is None else (labels, holdout.labels),
         )
+    if not dataset.class_names and ec.extractor == "domain":
+        del metrics["inception_score"]  # the judge's classes are turns, not kinds of image
     metrics["judge_holdout_accuracy"] = judge.holdout_accuracy
     if labels is not None:
         metrics["conditional_accuracy"] = judge.accuracy(images, labels)

@@ -50,6 +50,17 @@ def _safety_summary(safety: SafetyRef) -> dict[str, Any]:
     }
 
 
+def skip_note(dataset: DatasetRef) -> list[str]:
+    """The report's line on what loading the data left out (none when nothing was)."""
+    if not dataset.skipped:
+        return []
+    return [
+        f"Data: {dataset.skipped} item(s) of the source were left out when the dataset was "
+        "built (unreadable files, captions rows naming no image of the folder); the log of the "
+        "run that built it names them."
+    ]
+
+
 def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
     """Render the HTML report of a run and commit it under ``inputs.out_prefix``; returns the
     URL of its ``index.html``."""
@@ -86,7 +97,7 @@ def make_report(store: ArtefactStore, inputs: ReportInputs) -> str:
         safety=_safety_summary(inputs.safety),
         comparison=inputs.comparison,
         sweep=inputs.sweep,
-        notes=inputs.notes,
+        notes=[*inputs.notes, *skip_note(inputs.dataset)],
         promotion=inputs.promotion,
     )
     if inputs.inpainting_prefix is not None:

@@ -16,7 +16,12 @@ from diffusion_core.config import DEFAULT_RUNTIME, RuntimeConfig, SafetyConfig
 from diffusion_core.distributed import resolve_device
 from diffusion_core.evaluation.judge import TrainedClassifier
 from diffusion_core.pipeline.modality import modality
-from diffusion_core.pipeline.stages.dataset import DatasetRef, domain_classifier, read_split
+from diffusion_core.pipeline.stages.dataset import (
+    DatasetRef,
+    domain_classifier,
+    pixel_memorisation,
+    read_split,
+)
 from diffusion_core.pipeline.stages.sample import read_shards, read_tensors
 from diffusion_core.pipeline.store import ArtefactStore
 from diffusion_core.safety.chain import build_chain, filter_images
@@ -79,7 +84,7 @@ def safety_filter(
         features=features if kind.judge_reads_views() else None,
     )
     n = len(images)
-    safety = kind.safety_config(safety)
+    safety = kind.safety_config(pixel_memorisation(safety, dataset))
     chain = build_chain(safety, device=str(device))
     decision = filter_images(images, context, chain, sample_ids=range(n))
     keep = decision.published

@@ -282,6 +282,8 @@ def train_node(store: ArtefactStore, *, work_dir: Path, timeout: float = 3600) -
     shutil.rmtree(_torchrun(spec, processes(cfg), nodes), ignore_errors=True)
 
 
+LOCK_GRACE_S = 10.0  # how long training waits for its directory's lock
+
 # How much older than a waiting node a spec may be: node 0 may start a little before the others.
 SPEC_GRACE_S = 600.0
 
@@ -300,8 +302,10 @@ def train_model(
     runs 0 steps; a new one starts from ``parent``'s weights when given), then commit the final
     checkpoint under ``checkpoint_prefix`` with this run's card."""
     local = work_dir_for(cfg, dataset, work_dir, parent)
-    # Two live runs never train into one directory (the lock goes when this process does).
-    with hold(local.with_name(local.name + ".lock"), what=f"training directory {local}", owner={}):
+    # Two live runs never train into one directory (the lock goes when this process does); the
+    # grace covers another run's start-up cleanup, which holds the lock for a moment.
+    lock = local.with_name(local.name + ".lock")
+    with hold(lock, what=f"training directory {local}", owner={}, wait=LOCK_GRACE_S):
         return _train_model(cfg, dataset, store, checkpoint_prefix, work_dir, progress, parent)
 
 
