@@ -221,7 +221,7 @@ def test_cli_output_kind_must_match_input_kind(registry, tmp_path, capsys):
     assert "folder" in capsys.readouterr().err
 
 
-def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypatch):
+def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypatch, capsys):
     for i, name in enumerate("abc"):
         save(tmp_path / "in" / f"{name}.png", digit(i))
     mask = save(tmp_path / "mask.png", half_mask())
@@ -236,6 +236,7 @@ def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypat
         return real_to_pil(image)
 
     monkeypatch.setattr(dio, "to_pil", fail_on_third)
+    monkeypatch.setenv("DIFFPIPE_HOME", str(tmp_path.with_name(tmp_path.name + "-home")))
     args = [
         "inpaint",
         "--checkpoint",
@@ -248,8 +249,8 @@ def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypat
         str(out),
         *FAST,
     ]
-    with pytest.raises(OSError, match="disk full"):
-        main(args)
+    assert main(args) == 1  # a failed command, its traceback in a log file
+    assert "diffpipe: failed: OSError: disk full" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]
     assert not np.asarray(Image.open(out / "a.png")).any()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "mask.png", "out"]

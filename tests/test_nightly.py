@@ -475,7 +475,7 @@ def test_settings_that_need_labels_are_refused_before_training(
 
 def champions(client, name: str) -> list[str]:
     model = client.get_registered_model(name)
-    return [v for alias, v in model.aliases.items() if alias == "champion"]
+    return [str(v) for alias, v in model.aliases.items() if alias == "champion"]
 
 
 @pytest.mark.slow
