@@ -314,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("diffusion_core").setLevel(level)
     else:
         logging.basicConfig(level=level, format=fmt)
+    runs.LOG_FILE = None  # this command's own log file, once it keeps one
     try:
         return int(args.func(args))
     except Exception as exc:

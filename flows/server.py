@@ -78,13 +78,17 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _drain() -> None:
-    """Let Prefect's log and event workers send what they hold while the server still runs."""
+    """Let Prefect's log and event workers send what they hold while the server still runs (a
+    failure to is logged: the command's own outcome is the one to report)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    with contextlib.suppress(RuntimeError):  # a worker that never started
-        APILogWorker.instance().drain()
-    EventsWorker.drain_all()
+    try:
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            APILogWorker.instance().drain()
+        EventsWorker.drain_all()
+    except Exception as exc:
+        log.warning("Prefect's log and event workers did not finish sending: %s", exc)
 
 
 @contextlib.contextmanager
@@ -108,6 +112,7 @@ def temporary_server(log_dir: Path) -> Iterator[str | None]:
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C reaches the command, which then stops it
         )
     url = f"http://127.0.0.1:{port}/api"
     saved = os.environ.get("PREFECT_API_URL")

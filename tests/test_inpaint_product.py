@@ -262,6 +262,7 @@ def test_batch_failure_leaves_nothing_half_written(registry, tmp_path, monkeypat
         return real_to_pil(image)
 
     monkeypatch.setattr(dio, "to_pil", fail_on_third)
+    monkeypatch.setenv("DIFFPIPE_HOME", str(tmp_path.with_name(tmp_path.name + "-home")))
     args = [
         "inpaint",
         "--checkpoint",

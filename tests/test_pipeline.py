@@ -320,6 +320,53 @@ def test_storage_outage_fails_cleanly(harness, s3, tmp_path, monkeypatch, capsys
     assert list(failed["status"]) == ["FAILED"]
 
 
+def test_a_run_that_fails_after_registering_takes_its_version_back(
+    harness, s3, tmp_path, monkeypatch, capsys
+):
+    """The store answers 500 from the moment the version is registered: the run fails naming the
+    step and the URL (exit 1), the version is tagged diffpipe.failed and holds no alias, and
+    nothing of the evaluation (samples, safety, report) is committed."""
+    from diffpipe.flows.cli import main
+    from diffpipe.tasks import tracking
+
+    from diffusion_core.pipeline.store import ArtefactStore
+    from tests.faults import FaultyProxy
+
+    host, port = os.environ["AWS_ENDPOINT_URL"].removeprefix("http://").split(":")
+    proxy = FaultyProxy((host, int(port)))
+    for name in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(name, proxy.endpoint)
+    for name, value in {"CONNECT_TIMEOUT": "1", "READ_TIMEOUT": "0.5", "ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(f"DIFFPIPE_STORE_{name}", value)
+    register_model = tracking.register_model
+
+    def register_then_fail(*args, **kwargs):
+        model = register_model(*args, **kwargs)
+        proxy.mode = "error"  # every request from here on gets a 500
+        return model
+
+    monkeypatch.setattr(tracking, "register_model", register_then_fail)
+    root = "s3://nightly/taken-back"
+    config = write_config(tmp_path / "taken-back.yaml", artefact_root=root)
+    try:
+        code = main(["run", "--config", str(config), "--set", "name=taken-back"])
+    finally:
+        proxy.mode = "forward"
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "storage failed in step register" in err and root in err and "Traceback" not in err
+    client = mlflow.MlflowClient()
+    (found,) = client.search_model_versions("name = 'taken-back'")
+    version = client.get_model_version("taken-back", found.version)
+    assert version.aliases == []
+    assert "failed" in version.tags["diffpipe.failed"]
+    (run,) = mlflow.search_runs(experiment_names=["diffpipe-taken-back"], output_format="list")
+    assert run.info.status == "FAILED"
+    committed = ArtefactStore(root).list(f"runs/{run.info.run_id}")
+    assert committed and all("/checkpoint/" in key for key in committed), committed
+    proxy.close()
+
+
 def test_a_step_that_meets_bad_input_exits_2_naming_the_step(harness, tmp_path, capsys):
     from diffpipe.flows.cli import main
 
