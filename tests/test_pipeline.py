@@ -425,7 +425,7 @@ def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
     prefix = summary["sweep"]["table_uri"].removeprefix(store.root + "/").removesuffix("/sweep.csv")
     assert prefix == f"evaluations/{summary['run_id']}/sweep"
     csv_lines = store.get_bytes(f"{prefix}/sweep.csv").decode().splitlines()
-    assert csv_lines[0].startswith("sampler,steps,nfe,wall_seconds,fid,fid_low,fid_high")
+    assert csv_lines[0].startswith("sampler,steps,spacing,nfe,wall_seconds,fid,fid_low,fid_high")
     assert len(csv_lines) == 4
     saved = store.read_json(f"{prefix}/sweep.json")
     assert saved["reference"]["sampler"] == "ddpm" and saved["record"]["safety_filter"] is False
