@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -77,6 +78,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_s3(env: pytest.MonkeyPatch, aws_dir: Path) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, with throwaway credentials and AWS files under ``aws_dir``
+    set through ``env`` (no profile); yields its endpoint and stops the server afterwards."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    env.setenv("AWS_CONFIG_FILE", str(aws_dir / "config"))
+    env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_dir / "credentials"))
+    env.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from diffusion_core.pipeline.errors import ArtefactNotFoundError, StorageError
 from diffusion_core.pipeline.store import ArtefactStore
-from tests.conftest import free_port
+from tests.conftest import moto_s3
 from tests.faults import FaultyProxy, alive, children, command_line, kill_all
 
 BUCKET = "diffpipe-fault-tests"
@@ -37,26 +37,16 @@ SERVERS = ("diffpipe.flows.server", "prefect.server.api.server")  # a Prefect AP
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """moto's S3 server on loopback with one bucket, and the AWS environment it needs."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    aws = tmp_path_factory.mktemp("aws")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_CONFIG_FILE", str(aws / "config"))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
+    with (
+        pytest.MonkeyPatch.context() as env,
+        moto_s3(env, tmp_path_factory.mktemp("aws")) as endpoint,
+    ):
         env.setenv("NO_PROXY", "127.0.0.1,localhost")
-        env.delenv("AWS_PROFILE", raising=False)
         env.delenv("AWS_ENDPOINT_URL", raising=False)
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=BUCKET)
-        try:
-            yield host, port
-        finally:
-            server.stop()
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+        yield host, int(port)
 
 
 @pytest.fixture

@@ -108,27 +108,11 @@ def test_a_missing_data_root_is_named(tmp_path) -> None:
 
 @pytest.fixture
 def s3_for_data(monkeypatch, tmp_path):
-    from moto.server import ThreadedMotoServer
+    from tests.conftest import moto_s3
 
-    from tests.conftest import free_port
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
-        "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    try:
+    with moto_s3(monkeypatch, tmp_path / "aws") as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         yield endpoint
-    finally:
-        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -221,30 +221,18 @@ def test_interrupted_training_resumes(harness, tmp_path, monkeypatch):
 def s3(harness, tmp_path_factory):
     """A moto S3 server on loopback, a bucket, and the environment MLflow and s3fs read."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
+    from tests.conftest import moto_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    aws = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_CONFIG_FILE", str(aws / "config"))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws / "credentials"))
+    with (
+        pytest.MonkeyPatch.context() as env,
+        moto_s3(env, tmp_path_factory.mktemp("aws")) as endpoint,
+    ):
         env.setenv("AWS_ENDPOINT_URL", endpoint)
         env.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-        env.delenv("AWS_PROFILE", raising=False)
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="nightly")
-        try:
-            yield client
-        finally:
-            server.stop()
+        yield client
 
 
 def bucket_keys(client, bucket="nightly") -> list[str]:
