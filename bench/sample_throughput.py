@@ -42,11 +42,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_throughput import LAYOUTS, Layout, build_diffusers, flop_per_image, matmul_chunk, sync
+from diffusers_port import card_for, check_port, layout_of, port_weights
+from train_throughput import LAYOUTS, build_diffusers, flop_per_image, matmul_chunk, sync
 
-from diffusion_core.config import DiffusionConfig, ModelConfig
 from diffusion_core.distributed import autocast
-from diffusion_core.model import ModelCard
+from diffusion_core.model import ModelCard, load_model
 from diffusion_core.parameterization import Cond
 from diffusion_core.samplers import run_sampler
 from diffusion_core.sampling import (
@@ -59,7 +59,6 @@ from diffusion_core.sampling import (
     to_uint8,
 )
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
-from diffusion_core.unet import AttentionBlock, Downsample, ResBlock, UNet, Upsample
 
 # Our sampler -> (diffusers scheduler class name, the spacing diffusers uses by default).
 PEERS = {
@@ -67,112 +66,7 @@ PEERS = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", "linspace"),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-PORT_ATOL = 1e-4  # fp32 network outputs of ours and the ported peer; measured ~1e-6
 Images = Callable[[], tuple[Tensor, Tensor | None]]  # (uint8 images, float samples or None)
-
-
-# ----------------------------------------------------------------------------------------------
-# The two networks, with the same weights.
-
-
-def card_for(lay: Layout) -> ModelCard:
-    """The model card of ``lay``: what the pipeline would build and sample."""
-    base = lay.channels[0]
-    model = ModelConfig(
-        base_channels=base,
-        channel_mults=tuple(c // base for c in lay.channels),
-        num_res_blocks=lay.num_res_blocks,
-        attention_resolutions=lay.attention_resolutions,
-        num_heads=lay.num_heads,
-        class_conditional=True,
-    )
-    return ModelCard(
-        model=model,
-        diffusion=DiffusionConfig(schedule="linear", num_steps=1000, prediction="eps"),
-        in_channels=lay.in_channels,
-        image_size=lay.size,
-        num_classes=lay.num_classes,
-        dataset_sha256="bench",
-    )
-
-
-def port_weights(ours: UNet, peer: nn.Module) -> None:
-    """Copy our weights into diffusers' scale-shift UNet2DModel so both compute one function.
-
-    Each of our residual blocks' slice of the shared FiLM projection becomes that block's
-    ``time_emb_proj``; the fused qkv splits into ``to_q``, ``to_k``, ``to_v``; the peer's second
-    GroupNorm gets the identity affine ours folds into the FiLM. Our GroupNorms take the peer's
-    group counts (the same arithmetic cost; they differ at 64 channels in the quickstart layout).
-    """
-    p: Any = peer
-    blocks = [*p.down_blocks, p.mid_block, *p.up_blocks]  # execution order
-    peer_of: dict[type, list[nn.Module]] = {
-        ResBlock: [r for b in blocks for r in b.resnets],
-        AttentionBlock: [a for b in blocks for a in getattr(b, "attentions", None) or []],
-        Downsample: [s for b in p.down_blocks for s in getattr(b, "downsamplers", None) or []],
-        Upsample: [s for b in p.up_blocks for s in getattr(b, "upsamplers", None) or []],
-    }
-    pairs: list[tuple[nn.Module, nn.Module]] = [
-        (ours.conv_in, p.conv_in),
-        (ours.time_mlp[0], p.time_embedding.linear_1),
-        (ours.time_mlp[2], p.time_embedding.linear_2),
-        (ours.norm_out, p.conv_norm_out),
-        (ours.conv_out, p.conv_out),
-    ]
-    if ours.class_embed is not None:
-        pairs.append((ours.class_embed, p.class_embedding))
-    for kind, theirs in peer_of.items():
-        pairs += zip([m for m in ours.modules() if isinstance(m, kind)], theirs, strict=True)
-    film_w = ours.film.weight.split(ours.film_sizes)
-    film_b = ours.film.bias.split(ours.film_sizes)
-    res_index = 0
-    with torch.no_grad():
-        for mine, their in pairs:
-            if isinstance(mine, ResBlock):
-                for a, b in [(mine.norm1, their.norm1), (mine.conv1, their.conv1)]:
-                    b.load_state_dict(a.state_dict())
-                their.conv2.load_state_dict(mine.conv2.state_dict())
-                if isinstance(mine.skip, nn.Conv2d):
-                    their.conv_shortcut.load_state_dict(mine.skip.state_dict())
-                their.norm2.weight.fill_(1.0)
-                their.norm2.bias.zero_()
-                mine.norm1.num_groups = their.norm1.num_groups
-                mine.norm2.num_groups = their.norm2.num_groups
-                their.time_emb_proj.weight.copy_(film_w[res_index])
-                their.time_emb_proj.bias.copy_(film_b[res_index])
-                res_index += 1
-            elif isinstance(mine, AttentionBlock):
-                mine.norm.num_groups = their.group_norm.num_groups
-                their.group_norm.load_state_dict(mine.norm.state_dict())
-                for part, w, b in zip(
-                    (their.to_q, their.to_k, their.to_v),
-                    mine.qkv.weight.chunk(3),
-                    mine.qkv.bias.chunk(3),
-                    strict=True,
-                ):
-                    part.weight.copy_(w)
-                    part.bias.copy_(b)
-                their.to_out[0].load_state_dict(mine.proj.state_dict())
-            elif isinstance(mine, Downsample | Upsample):
-                their.conv.load_state_dict(mine.conv.state_dict())
-            else:
-                their.load_state_dict(mine.state_dict())
-                if isinstance(mine, nn.GroupNorm):
-                    mine.num_groups = their.num_groups
-
-
-def check_port(ours: UNet, peer: nn.Module, lay: Layout, device: torch.device) -> float:
-    """Max abs difference of the two networks' fp32 outputs on random input; exits above
-    PORT_ATOL (the peer would not be doing our work)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, lay.in_channels, lay.size, lay.size, generator=g).to(device)
-    t = torch.tensor([0, 250, 600, 999], device=device)
-    labels = torch.tensor([0, 1, 2, lay.num_classes or 0], device=device)
-    with torch.no_grad():
-        diff = (ours(x, t, Cond(labels=labels)) - peer(x, t, class_labels=labels).sample).abs()
-    if float(diff.max()) > PORT_ATOL:
-        raise SystemExit(f"ported peer differs from ours by {float(diff.max()):.2e} > {PORT_ATOL}")
-    return float(diff.max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +163,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--repeats", type=int, help="timed runs per contestant (CPU 3, CUDA 5)")
+    p.add_argument(
+        "--call-repeats",
+        type=int,
+        default=0,
+        help="also time this many single guided network calls per network, interleaved",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile our U-Net")
     p.add_argument(
         "--compile-mode",
@@ -278,6 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--freeze", action="store_true", help="with --compile: inductor freezing")
     p.add_argument("--channels-last", action="store_true", help="our U-Net in channels-last")
     p.add_argument("--compile-peer", action="store_true", help="also time diffusers compiled")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint folder (its card's layout)")
     p.add_argument("--json-out", type=Path, help="write the figures here")
     return p.parse_args(argv)
 
@@ -295,11 +196,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype]
     repeats = args.repeats or (5 if device.type == "cuda" else 3)
 
-    # Build ours from the card, port its (random) weights into the peer and check parity.
+    # Ours from a checkpoint or the layout (random weights), ported into the peer, checked.
     torch.manual_seed(0)
-    card = card_for(lay)
-    net = card.build()
-    net.conv_out.reset_parameters()  # zero-initialised for training: samples would be flat
+    if args.checkpoint:
+        net, card = load_model(args.checkpoint)
+        lay = layout_of(card, lay)
+    else:
+        card = card_for(lay)
+        net = card.build()
+        net.conv_out.reset_parameters()  # zero-initialised for training: samples would be flat
     peer = build_diffusers(lay, scale_shift=True)
     port_weights(net, peer)
     net, peer = net.to(device).eval(), peer.to(device).eval()
@@ -375,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sync(device)
         compile_s = time.perf_counter() - t0 if args.compile else None
         eager_x0 = ours_float(net, card, request, x_T, dtype) if fast_path else fast_x0
+        fp32_x0 = ours_float(net, card, request, x_T, None) if dtype is not None else eager_x0
         _, peer_x0 = runs["diffusers"]()
         for key in runs:
             if "compiled" in key or (key == "ours" and args.compile):
@@ -412,11 +318,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ratio_fast_over_eager": img_s["ours"] / img_s["ours eager"] if fast_path else None,
             "max_abs_fast_vs_eager": image_diff(fast_x0, eager_x0),
             "max_abs_ours_vs_diffusers": image_diff(eager_x0, peer_x0),
+            "max_abs_vs_fp32": image_diff(eager_x0, fp32_x0) if dtype is not None else None,
             "sample_abs_max": float(eager_x0.abs().max()),
             "compile_s": compile_s,
         }
         results[name] = entry
         report_sampler(name, args, entry)
+
+    calls = None
+    if args.call_repeats:
+        nets = {
+            "ours": fast_net,
+            "ours eager": net,
+            "diffusers": lambda x, t, c: peer(x, t, class_labels=c.labels).sample,
+        }
+        if args.compile_peer:
+            nets["diffusers compiled"] = lambda x, t, c: peer_fast(x, t, class_labels=c.labels)
+        calls = time_calls(nets, x2, t2, c2, dtype, args.call_repeats)
+        print(
+            f"\none guided network call ({2 * batch} images), median of {args.call_repeats}: "
+            + ", ".join(f"{k} {v:.1f} img/s" for k, v in calls["img_per_s"].items())
+        )
+        print(
+            f"network call ratio ours/diffusers: {calls['ratio']:.2f} (median of per-repeat "
+            f"ratios; per CPU second {calls['ratio_per_cpu_s']:.2f})"
+        )
 
     report = {
         "date": time.strftime("%Y-%m-%d"),
@@ -439,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "port_max_abs": port_diff,
         "samplers": results,
+        "network_calls": calls,
     }
     print(
         f"layout={args.layout} batch={batch} (network batch {2 * batch}) dtype={args.dtype} "
@@ -450,6 +377,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(report, indent=2))
     return report
+
+
+def time_calls(
+    nets: dict[str, Callable[..., Any]],
+    x: Tensor,
+    t: Tensor,
+    cond: Cond,
+    dtype: torch.dtype | None,
+    repeats: int,
+) -> dict[str, Any]:
+    """Images per second of one guided network call of each network, interleaved repeats; the
+    input is laid out as ``generate`` hands it over (a compiled graph is not traced again)."""
+    wall: dict[str, list[float]] = {k: [] for k in nets}
+    cpu: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.no_grad(), autocast(x.device, dtype):
+        for r in range(repeats + 1):  # the first round warms up
+            for key in nets if r % 2 == 0 else reversed(nets):
+                sync(x.device)
+                w0, c0 = time.perf_counter(), time.process_time()
+                nets[key](x, t, cond)
+                sync(x.device)
+                if r:
+                    wall[key].append(len(x) / (time.perf_counter() - w0))
+                    cpu[key].append(len(x) / (time.process_time() - c0))
+    ratios = [a / b for a, b in zip(wall["ours"], wall["diffusers"], strict=True)]
+    cpu_ratios = [a / b for a, b in zip(cpu["ours"], cpu["diffusers"], strict=True)]
+    return {
+        "img_per_s": {k: statistics.median(v) for k, v in wall.items()},
+        "img_per_s_runs": {k: [round(v, 1) for v in vs] for k, vs in wall.items()},
+        "ratio": statistics.median(ratios),
+        "ratio_per_cpu_s": statistics.median(cpu_ratios),
+    }
 
 
 def report_sampler(name: str, args: argparse.Namespace, e: dict[str, Any]) -> None:
@@ -474,6 +433,8 @@ def report_sampler(name: str, args: argparse.Namespace, e: dict[str, Any]) -> No
         f"{e['max_abs_fast_vs_eager']:.2e}; ours vs diffusers: "
         f"{e['max_abs_ours_vs_diffusers']:.2e} (samples reach |x| = {e['sample_abs_max']:.1f})"
     )
+    if e["max_abs_vs_fp32"] is not None:
+        print(f"max abs difference of the images, {args.dtype} vs fp32: {e['max_abs_vs_fp32']:.2e}")
 
 
 def cpu_name() -> str:
