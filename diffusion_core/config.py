@@ -536,6 +536,10 @@ class RuntimeConfig(StrictModel):
     """auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; every compute step uses it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Sampling and feature extraction: auto is bf16 autocast on CUDA and fp32 on a CPU."""
+    compile: bool = False
+    """The sample step samples with a ``torch.compile``d copy of the network (frozen weights):
+    faster per step, but every sampling shard compiles once, which repays only when a shard
+    samples many images (the break-even on a CPU: bench/README.md, sample_throughput.py)."""
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     """Where the sampling shards run."""
 

@@ -45,7 +45,7 @@ from diffusion_core.text import (
     load_text_encoder,
     text_cond,
 )
-from diffusion_core.unet import UNet
+from diffusion_core.unet import CompiledForInference, UNet
 
 DEFAULT_NUM_SAMPLES = 8  # when a request names neither a count nor labels nor prompts
 MAX_BATCH_SIZE = 4096  # images in one network call; memory grows with it
@@ -270,6 +270,25 @@ def prefers_channels_last(net: nn.Module, dtype: torch.dtype | None) -> bool:
     )
 
 
+def sampling_network(
+    net: nn.Module,
+    dtype: torch.dtype | None,
+    *,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> nn.Module:
+    """The network :func:`generate` samples with: ``net`` itself, or a copy laid out
+    channels-last (``channels_last``; None: where :func:`prefers_channels_last`) and compiled
+    (``compile``). ``net`` is never changed."""
+    laid_out = prefers_channels_last(net, dtype) if channels_last is None else channels_last
+    if not (laid_out or compile):
+        return net
+    fast = copy.deepcopy(net).eval()
+    if laid_out:
+        fast = fast.to(memory_format=torch.channels_last)
+    return CompiledForInference(fast) if compile else fast
+
+
 @torch.no_grad()
 def generate(
     net: nn.Module,
@@ -280,6 +299,7 @@ def generate(
     encoder: ClipModel | None = None,
     dtype: torch.dtype | None = None,
     channels_last: bool | None = None,
+    compile: bool = False,
 ) -> Samples:
     """Draw ``request.count()`` samples.
 
@@ -289,7 +309,10 @@ def generate(
     ``(offset + i) % len(prompts)``; ``encoder`` defaults to the model's own. The network runs
     on its own device, under autocast to ``dtype`` when given (``distributed.inference_dtype``),
     and samples a channels-last copy of itself when ``channels_last`` says so (None: when
-    :func:`prefers_channels_last`); the caller's network is left as it is.
+    :func:`prefers_channels_last`); the caller's network is left as it is. ``compile``
+    samples with a :class:`~diffusion_core.unet.CompiledForInference` copy (``torch.compile``
+    with frozen weights): faster per step, at a compile time that only a large call repays
+    (``runtime.compile``, bench/README.md).
     """
     knobs = request.knobs(card)
     n = request.count()
@@ -298,8 +321,7 @@ def generate(
     if prompts is not None:
         encoder = encoder or card_text_encoder(card)
     device = next(net.parameters()).device
-    if prefers_channels_last(net, dtype) if channels_last is None else channels_last:
-        net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    net = sampling_network(net, dtype, channels_last=channels_last, compile=compile)
     schedule = _schedule(card)
     grid = sampling_grid(schedule, knobs.steps, spacing=knobs.spacing)
     seeds = request.seed * 1_000_000 + offset + torch.arange(n)

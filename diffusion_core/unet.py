@@ -364,3 +364,25 @@ def _check_args(
 def compile_unet(net: nn.Module, *, dynamic: bool = False) -> nn.Module:
     """``torch.compile`` (inductor) of a network; same results within bf16 tolerance."""
     return cast(nn.Module, torch.compile(net, dynamic=dynamic))
+
+
+class CompiledForInference(nn.Module):
+    """A network compiled for inference: ``torch.compile`` with inductor's freezing (the weights
+    become constants of the graph, prepacked for oneDNN's convolutions on a CPU) for the first
+    batch shape it sees; calls of any other shape (a run's last, smaller batch; unguided steps
+    outside a guidance interval) run ``net`` eagerly, so the graph is compiled once and never
+    retraced with a symbolic batch (slower kernels). Inference only: ``net`` must not change
+    after the first call (its weights are frozen into the graph); same results as eager within
+    float rounding (bench/README.md, ``sample_throughput.py --compile --freeze``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+        self.shape: torch.Size | None = None
+
+    def forward(self, x: Tensor, *args: object) -> Tensor:
+        if self.shape is None:
+            self.shape = x.shape
+        fn = self.compiled if x.shape == self.shape else self.net
+        return cast(Tensor, fn(x, *args))

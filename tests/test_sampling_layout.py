@@ -3,11 +3,15 @@ CPU in fp32): the same samples, and the caller's network untouched."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 from diffusion_core.config import parse_config
 from diffusion_core.sampling import SampleRequest, generate, prefers_channels_last
-from diffusion_core.unet import UNet
+from diffusion_core.unet import CompiledForInference, UNet
 from tests.conftest import TINY, card_for
 
 
@@ -51,3 +55,68 @@ def test_channels_last_sampling_gives_the_same_images_and_leaves_the_network_alo
     for k, v in net.state_dict().items():
         assert v.is_contiguous(), k  # the caller's network keeps its layout ...
         assert torch.equal(v, weights[k]), k  # ... and its weights
+
+
+def test_the_sample_step_with_runtime_compile_gives_the_same_images(tmp_path, monkeypatch) -> None:
+    import diffusion_core.sampling as sampling
+    from diffusion_core.config import RuntimeConfig
+    from diffusion_core.model import write_checkpoint
+    from diffusion_core.pipeline.stages.sample import sample_shard
+    from diffusion_core.pipeline.store import ArtefactStore
+
+    net, card = tiny_net_and_card()
+    sd = net.state_dict()
+    ckpt = write_checkpoint(tmp_path / "ckpt", 1, card=card, weights=sd, ema=sd, state={})
+    store = ArtefactStore(f"file://{tmp_path / 'store'}")
+    store.put_dir("run/checkpoint", ckpt)
+    # 10 samples in batches of 4: the compiled graph serves the two full batches (8 images with
+    # guidance), the last batch of 2 runs eagerly.
+    request = SampleRequest(
+        num_samples=10, batch_size=4, steps=4, guidance_scale=2.0, clip_x0=False, seed=5
+    )
+    compiled_shapes: list[torch.Size | None] = []
+
+    class Spy(CompiledForInference):
+        def forward(self, x, *args):
+            out = super().forward(x, *args)
+            compiled_shapes.append(self.shape)
+            return out
+
+    monkeypatch.setattr(sampling, "CompiledForInference", Spy)
+    images = {}
+    for compile in (False, True):
+        ref = sample_shard(
+            store,
+            "run/checkpoint",
+            request,
+            out_prefix=f"run/samples-{compile}",
+            shard=0,
+            shard_size=10,
+            runtime=RuntimeConfig(compile=compile),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            store.get_dir(ref.prefix, tmp)
+            images[compile] = load_file(Path(tmp) / "images.safetensors")["images"]
+    plain, compiled = images[False], images[True]
+    assert plain.shape == compiled.shape == (10, *card.sample_shape)
+    assert (plain.int() - compiled.int()).abs().max() <= 1
+    assert (plain != compiled).float().mean() < 0.01
+    assert not torch.equal(plain[:4], plain[4:8])  # the samples differ: the check has teeth
+    assert set(compiled_shapes) == {(8, *card.sample_shape)}  # compiled for a full guided batch
+
+
+def test_a_compiled_network_compiles_its_first_shape_and_runs_the_others_eagerly() -> None:
+    net, card = tiny_net_and_card()
+    torch._dynamo.reset()  # graphs of other tests' networks would count as earlier compiles
+    wrapped = CompiledForInference(net)
+    x = torch.randn(6, *card.sample_shape)
+    t = torch.full((6,), 3)
+    # A second shape sent to the compiled graph would recompile it: make that an error.
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        first = wrapped(x[:4], t[:4], None)
+        other = wrapped(x[:2], t[:2], None)
+        again = wrapped(x[2:6], t[2:6], None)
+        assert torch.allclose(first, net(x[:4], t[:4], None), atol=1e-4)
+        assert torch.equal(other, net(x[:2], t[:2], None))  # eager: the same arithmetic
+        assert torch.allclose(again, net(x[2:6], t[2:6], None), atol=1e-4)
+    assert wrapped.shape == (4, *card.sample_shape)

@@ -68,7 +68,14 @@ def sample_shard(
     if request.labels is not None and len(request.labels) > 1:  # one label per sample
         part["labels"] = request.labels[start:stop]
     t0 = time.perf_counter()
-    samples = generate(net, card, request.model_copy(update=part), offset=start, dtype=dtype)
+    samples = generate(
+        net,
+        card,
+        request.model_copy(update=part),
+        offset=start,
+        dtype=dtype,
+        compile=runtime.compile,
+    )
     seconds = time.perf_counter() - t0
     knobs = samples.knobs
     with tempfile.TemporaryDirectory() as tmp:
