@@ -6,6 +6,7 @@ Conv3d over (B, C, D, H, W)); attention runs over the flattened H*W or D*H*W pos
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import cast
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_core.parameterization import Cond
+
+log = logging.getLogger(__name__)
 
 MAX_GROUPS = 32
 CONVS: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -373,16 +376,31 @@ class CompiledForInference(nn.Module):
     outside a guidance interval) run ``net`` eagerly, so the graph is compiled once and never
     retraced with a symbolic batch (slower kernels). Inference only: ``net`` must not change
     after the first call (its weights are frozen into the graph); same results as eager within
-    float rounding (bench/README.md, ``sample_throughput.py --compile --freeze``)."""
+    float rounding (bench/README.md, ``sample_throughput.py --compile --freeze``).
+
+    When the compile fails (no C++ compiler on the worker, an unsupported operator) the failure
+    is logged and the network runs eagerly: a slower sample step, not a failed run. torch
+    compiles a forward for at most ``torch._dynamo.config.recompile_limit`` networks a process
+    (8) and runs later ones eagerly, with its own warning."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.compiled = torch.compile(net, dynamic=False, options={"freezing": True})
+        self.compiled: nn.Module | None = cast(
+            nn.Module, torch.compile(net, dynamic=False, options={"freezing": True})
+        )
         self.shape: torch.Size | None = None
 
     def forward(self, x: Tensor, *args: object) -> Tensor:
-        if self.shape is None:
+        if self.shape is None and self.compiled is not None:
             self.shape = x.shape
-        fn = self.compiled if x.shape == self.shape else self.net
-        return cast(Tensor, fn(x, *args))
+            try:
+                return cast(Tensor, self.compiled(x, *args))
+            except Exception as exc:  # the compile failed, not the network: it runs eagerly
+                log.warning(
+                    "torch.compile failed, sampling eagerly: %s: %s", type(exc).__name__, exc
+                )
+                self.compiled = None
+        if self.compiled is not None and x.shape == self.shape:
+            return cast(Tensor, self.compiled(x, *args))
+        return cast(Tensor, self.net(x, *args))

@@ -120,3 +120,22 @@ def test_a_compiled_network_compiles_its_first_shape_and_runs_the_others_eagerly
         assert torch.equal(other, net(x[:2], t[:2], None))  # eager: the same arithmetic
         assert torch.allclose(again, net(x[2:6], t[2:6], None), atol=1e-4)
     assert wrapped.shape == (4, *card.sample_shape)
+
+
+def test_a_failed_compile_is_logged_and_the_network_runs_eagerly(caplog) -> None:
+    net, card = tiny_net_and_card()
+    wrapped = CompiledForInference(net)
+
+    class NoCompiler(torch.nn.Module):  # what inductor raises on a worker without a compiler
+        def forward(self, *args):
+            raise RuntimeError("no C++ compiler found")
+
+    wrapped.compiled = NoCompiler()
+    x, t = torch.randn(4, *card.sample_shape), torch.full((4,), 3)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="diffusion_core.unet"):
+        out = wrapped(x, t, None)
+        again = wrapped(x, t, None)
+        expected = net(x, t, None)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert wrapped.compiled is None
+    assert "torch.compile failed, sampling eagerly: RuntimeError: no C++ compiler" in caplog.text
