@@ -25,7 +25,6 @@ seeds: the max abs difference of the final samples in [-1, 1] is printed.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -55,7 +54,7 @@ from diffusion_core.sampling import (
     balanced_labels,
     class_denoiser,
     generate,
-    prefers_channels_last,
+    sampling_network,
     to_uint8,
 )
 from diffusion_core.schedules import NoiseSchedule, timestep_grid
@@ -217,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Ours as the pipeline samples it: generate lays the network out (channels-last where
     # prefers_channels_last says so; --channels-last forces it); --compile compiles that layout.
     # "ours eager" is the plain network in its own layout, the reference for the differences.
-    laid_out = args.channels_last or prefers_channels_last(net, dtype)
-    fast_net = copy.deepcopy(net).to(memory_format=torch.channels_last) if laid_out else net
+    fast_net = sampling_network(net, dtype, channels_last=args.channels_last or None)
+    laid_out = fast_net is not net
     if args.compile:
         fast_net = compiled(fast_net, args)
     fast_path = laid_out or args.compile
