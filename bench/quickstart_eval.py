@@ -53,7 +53,9 @@ FULL_SWEEP = [
 
 def setting(text: str) -> SweepSetting:
     sampler, steps, *spacing = text.split(":")
-    fields = {"sampler": sampler, "steps": steps, **({"spacing": spacing[0]} if spacing else {})}
+    if not steps.isdigit():
+        raise SystemExit(f"--sweep {text!r}: steps must be a whole number, got {steps!r}")
+    fields = {"sampler": sampler, "steps": int(steps), **({"spacing": spacing[0]} if spacing else {})}
     return SweepSetting.model_validate(fields)
 
 

@@ -649,7 +649,7 @@ class RunConfig(StrictModel):
             {
                 "model": self.model.model_dump(mode="json"),
                 "diffusion": self.diffusion.model_dump(mode="json"),
-                "text": None if self.text is None else self.text.model_dump(mode="json"),
+                "text": None if self.text is None else _text_identity(self.text),
                 "train": train,
                 "dataset_sha256": dataset_sha256,
                 **({"init_sha256": init_sha256} if init_sha256 else {}),
@@ -666,6 +666,20 @@ TRAIN_BOOKKEEPING = (
     "keep_checkpoints",
     "loader_workers",
 )
+
+
+def _text_identity(text: TextConfig) -> dict[str, Any]:
+    """The text section as it decides the weights: a JSON model config by its content and
+    weights checked against ``sha256`` by that digest, not by where this host keeps them (a
+    checkout elsewhere, another worker), so that a run resumes wherever its store is read."""
+    out = text.model_dump(mode="json")
+    model = Path(text.model).expanduser()
+    if text.model.endswith(".json") and model.is_file():
+        out["model"] = {"json_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    if text.pretrained is not None and text.sha256 is not None:
+        out["pretrained"] = None  # named by out["sha256"]
+        out["sha256"] = text.sha256.lower()
+    return out
 
 
 def _digest(obj: Any) -> str:

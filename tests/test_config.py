@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,36 @@ def test_training_identity_changes_only_with_what_changes_the_weights() -> None:
     for change in different:
         assert parse_config(change).training_identity("d") != base.training_identity("d"), change
     assert base.training_identity("d") != base.training_identity("e")  # other data
+
+
+def test_training_identity_names_a_text_model_file_by_its_content(tmp_path: Path) -> None:
+    """Two checkouts of the same config (another worker, another path) resume each other's run;
+    a changed text encoder config does not."""
+    clip = (REPO / "configs" / "clip" / "tiny-clip.json").read_text()
+    for where in ("a", "b", "c"):
+        (tmp_path / where / "clip").mkdir(parents=True)
+        (tmp_path / where / "clip" / "tiny-clip.json").write_text(clip)
+        config = {
+            "name": "t",
+            "model": {"class_conditional": False},
+            "text": {"model": "clip/tiny-clip.json"},
+        }
+        (tmp_path / where / "run.yaml").write_text(yaml.safe_dump(config))
+    changed = json.loads(clip)
+    changed["text_cfg"]["layers"] += 1
+    (tmp_path / "c" / "clip" / "tiny-clip.json").write_text(json.dumps(changed))
+    a, b, c = (load_config(tmp_path / w / "run.yaml") for w in ("a", "b", "c"))
+    assert a.text is not None and b.text is not None and a.text.model != b.text.model
+    assert a.training_identity("d") == b.training_identity("d")
+    assert c.training_identity("d") != a.training_identity("d")
+    # Weights checked against a digest are named by it, wherever they are kept.
+    digest = "ab" * 32
+
+    def weights(where: str, sha256: str) -> RunConfig:
+        text = {"model": "tiny", "pretrained": f"{where}/w.bin", "sha256": sha256}
+        return parse_config({"model": {"class_conditional": False}, "text": text})
+
+    kept = [weights(where, digest) for where in ("/mnt/x", "s3://bucket")]
+    assert kept[0].training_identity("d") == kept[1].training_identity("d")
+    other = weights("/mnt/x", "cd" * 32)
+    assert other.training_identity("d") != kept[0].training_identity("d")
