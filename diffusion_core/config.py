@@ -5,6 +5,7 @@ Unknown keys and bad values are errors that name the file, the key and what is a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import types
@@ -675,7 +676,9 @@ def _text_identity(text: TextConfig) -> dict[str, Any]:
     out = text.model_dump(mode="json")
     model = Path(text.model).expanduser()
     if text.model.endswith(".json") and model.is_file():
-        out["model"] = {"json_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+        # Unreadable: the path stays, and the text encoder's loader names the file and the error.
+        with contextlib.suppress(OSError):
+            out["model"] = {"json_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
     if text.pretrained is not None and text.sha256 is not None:
         out["pretrained"] = None  # named by out["sha256"]
         out["sha256"] = text.sha256.lower()
