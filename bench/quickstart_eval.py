@@ -33,7 +33,7 @@ from diffusion_core.config import SweepSetting, load_config
 from diffusion_core.data import load_dataset, split_dataset
 from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
-from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
+from diffusion_core.evaluation.sweep import fewest_nfe_match, paired_matches, run_sweep
 from diffusion_core.io import sha256_file
 from diffusion_core.model import load_model
 from diffusion_core.sampling import SampleRequest, generate
@@ -55,7 +55,9 @@ def setting(text: str) -> SweepSetting:
     sampler, steps, *spacing = text.split(":")
     if not steps.isdigit():
         raise SystemExit(f"--sweep {text!r}: steps must be a whole number, got {steps!r}")
-    fields = {"sampler": sampler, "steps": int(steps), **({"spacing": spacing[0]} if spacing else {})}
+    fields: dict[str, object] = {"sampler": sampler, "steps": int(steps)}
+    if spacing:
+        fields["spacing"] = spacing[0]
     return SweepSetting.model_validate(fields)
 
 
@@ -156,23 +158,16 @@ def main() -> None:
                 f"{r['fid_high']:.3f}], precision {r['precision']:.3f}, recall {r['recall']:.3f}",
                 flush=True,
             )
-        best = fewest_nfe_match(rows)
-        ref_i = rows.index(best["reference"])
-        for r, f in zip(rows, feats, strict=True):
-            gap, low, high = fidelity.paired_fid_gap(f, feats[ref_i], ref_feats, draws=args.draws)
-            r |= {"gap": gap, "gap_low": low, "gap_high": high, "matches": low <= 0.0}
-        first = {}
-        for r in sorted(rows, key=lambda r: r["nfe"]):
-            key = f"{r['sampler']}:{r['spacing']}"
-            if r["matches"] and r is not rows[ref_i] and key not in first:
-                first[key] = r["nfe"]
+        rule = fewest_nfe_match(rows)  # the unpaired rule, for comparison
+        best = paired_matches(rows, feats, ref_feats, draws=args.draws)
+        rows, first = best["rows"], best["first_match_nfe"]
         out["sweep"] = {
             "num_samples": args.sweep_num,
             "reference_set": f"{args.sweep_reference} ({len(reference)} digits)",
-            "rows": rows,
             **best,
-            "first_match_nfe": first,
+            "unpaired_rule": rule["note"],
         }
+        print(f"unpaired rule: {rule['note']}")
         print(best["note"])
         print(f"paired gap to {best['reference']['sampler']}-{best['reference']['steps']}:")
         for r in rows:

@@ -379,8 +379,9 @@ def test_run_rejects_unknown_key_before_starting(tmp_path, capsys):
 
 
 def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
-    """evaluate_model with a sweep: one row per setting with measured NFE, a table in the store,
-    the cheapest setting that reaches the DDPM reference, and the sweep in the report."""
+    """evaluate_model with a sweep: one row per setting with measured NFE and its paired FID gap
+    to the DDPM reference, a table in the store, the cheapest setting that matches the reference,
+    and the sweep in the report."""
     from diffpipe.flows.pipeline import evaluate_model
 
     from diffusion_core.config import EvaluationConfig
@@ -407,16 +408,21 @@ def test_evaluate_flow_sweeps_samplers(harness, tmp_path):
         assert r["fid_low"] < r["fid"] < r["fid_high"] and r["wall_seconds"] > 0
         assert r["num_samples"] == 24 and r["guidance_scale"] == 1.5
     note = summary["sweep"]["note"]
-    assert " reaches ddpm-20 quality with " in note or note.startswith("No setting reaches ddpm-20")
+    assert " matches ddpm-20 with " in note or note.startswith("No setting matches ddpm-20")
+    # Each row's paired gap to the reference setting (0 for the reference itself).
+    assert rows[0]["gap"] == 0.0 and rows[0]["matches"] is True
+    for r in rows[1:]:
+        assert r["gap_low"] <= r["gap"] <= r["gap_high"] and r["matches"] == (r["gap_low"] <= 0)
     # The table in the store, committed with its JSON twin.
     store = ArtefactStore(default_root())
     prefix = summary["sweep"]["table_uri"].removeprefix(store.root + "/").removesuffix("/sweep.csv")
     assert prefix == f"evaluations/{summary['run_id']}/sweep"
     csv_lines = store.get_bytes(f"{prefix}/sweep.csv").decode().splitlines()
     assert csv_lines[0].startswith("sampler,steps,spacing,nfe,wall_seconds,fid,fid_low,fid_high")
-    assert len(csv_lines) == 4
+    assert csv_lines[0].endswith(",gap,gap_low,gap_high,matches") and len(csv_lines) == 4
     saved = store.read_json(f"{prefix}/sweep.json")
     assert saved["reference"]["sampler"] == "ddpm" and saved["record"]["safety_filter"] is False
+    assert saved["rows"] == rows and saved["note"] == note
     # The main evaluation's record, and the sweep in the report.
     record = summary["record"]
     assert record["engine"].startswith("torch-fidelity") and record["extractor"] == "domain"

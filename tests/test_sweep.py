@@ -8,7 +8,12 @@ import torch
 
 from diffusion_core.config import SweepSetting, parse_config
 from diffusion_core.evaluation.fidelity import half_sample_interval
-from diffusion_core.evaluation.sweep import count_forwards, fewest_nfe_match, run_sweep
+from diffusion_core.evaluation.sweep import (
+    count_forwards,
+    fewest_nfe_match,
+    paired_matches,
+    run_sweep,
+)
 from diffusion_core.sampling import SampleRequest
 from tests.conftest import TINY, card_for
 from tests.oracles import frechet_distance
@@ -46,6 +51,44 @@ def test_fewest_nfe_match_against_the_longest_ddpm():
     assert none["note"].startswith("No setting reaches ddim-100 quality")
     with pytest.raises(ValueError, match="empty sweep"):
         fewest_nfe_match([])
+
+
+def test_paired_matches_tells_a_shifted_setting_from_a_redrawn_one():
+    """Features from a known distribution: the reference setting's samples and the reference set
+    are N(0, I); one setting's samples are the same seeds' features plus small noise (a sampler
+    close to the reference's), one draws fresh N(0, I) (as good, other noise), one is shifted by
+    0.3 in every coordinate (worse by about 8 x 0.09 = 0.72 FID). The paired gap must call the
+    first two matches and the shifted one not."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 400, 8
+    reference = torch.randn(n, d, generator=g, dtype=torch.float64)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    near = base + 0.05 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    redrawn = torch.randn(n, d, generator=g, dtype=torch.float64)
+    shifted = base + 0.3
+    rows = [
+        row("ddim", 10, 0.0) | {"spacing": "leading"},
+        row("ddpm", 1000, 0.0) | {"spacing": "leading"},
+        row("unipc", 10, 0.0) | {"spacing": "karras"},
+        row("euler", 20, 0.0) | {"spacing": "karras"},
+    ]
+    out = paired_matches(rows, [shifted, base, near, redrawn], reference, draws=50)
+    by = {r["sampler"]: r for r in out["rows"]}
+    assert out["reference"] is by["ddpm"] and by["ddpm"]["gap"] == 0.0
+    # The gap is the difference of the two FIDs against the whole reference.
+    fid_base = frechet_distance(base, reference)
+    assert by["ddim"]["gap"] == pytest.approx(frechet_distance(shifted, reference) - fid_base)
+    assert by["ddim"]["gap"] == pytest.approx(d * 0.3**2, abs=0.15)
+    assert not by["ddim"]["matches"] and by["ddim"]["gap_low"] > 0
+    assert by["unipc"]["matches"] and by["euler"]["matches"]
+    assert out["first_match_nfe"] == {"unipc:karras": 10.0, "euler:karras": 20.0}
+    assert out["match"] is by["unipc"]
+    assert out["note"].startswith("unipc-10 (karras) matches ddpm-1000 with 10 NFE")
+    # Nothing matches: the note says so; mismatched inputs are refused.
+    none = paired_matches(rows[:2], [shifted, base], reference, draws=20)
+    assert none["match"] is None and none["note"].startswith("No setting matches ddpm-1000")
+    with pytest.raises(ValueError, match="2 sweep rows but 1 feature sets"):
+        paired_matches(rows[:2], [base], reference)
 
 
 def test_sweep_counts_one_network_call_per_step_with_batched_guidance(single_thread):

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_core.config import SweepSetting
+from diffusion_core.evaluation.fidelity import paired_fid_gap
 from diffusion_core.model import ModelCard
 from diffusion_core.sampling import SampleRequest, generate
 
@@ -99,14 +100,69 @@ def run_sweep(
     ]
 
 
+def reference_index(rows: list[dict[str, Any]]) -> int:
+    """Index of the reference setting: the DDPM row with the most steps, else the most NFE."""
+    if not rows:
+        raise ValueError("an empty sweep has no reference setting")
+    ddpm = [i for i, r in enumerate(rows) if r["sampler"] == "ddpm"] or range(len(rows))
+    return max(ddpm, key=lambda i: (rows[i]["steps"], rows[i]["nfe"]))
+
+
+def paired_matches(
+    rows: list[dict[str, Any]],
+    features: list[Tensor],
+    reference: Tensor,
+    *,
+    draws: int = 100,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The sharper verdict of which settings match the reference setting (``reference_index``).
+
+    ``features[i]`` are the FID features of row i's samples (every row from the same seeds);
+    ``reference`` the reference images' features. Each row gets ``gap`` = FID(row) - FID(the
+    reference setting) against ``reference``, with a paired half-sample interval
+    (``fidelity.paired_fid_gap``: each draw takes the same seeds' rows of both sets and the same
+    reference half, so the noise both share cancels), and ``matches``: the interval reaches 0
+    (not worse at ``level``). Returns the rows, the reference row, the cheapest matching setting
+    (``match``, fewest NFE then wall time), the fewest matching NFE per sampler and spacing
+    (``first_match_nfe``), and a one-line note."""
+    if len(rows) != len(features):
+        raise ValueError(f"{len(rows)} sweep rows but {len(features)} feature sets")
+    ref_i = reference_index(rows)
+    out = []
+    for i, (row, feats) in enumerate(zip(rows, features, strict=True)):
+        if i == ref_i:
+            gap, low, high = 0.0, 0.0, 0.0
+        else:
+            gap, low, high = paired_fid_gap(
+                feats, features[ref_i], reference, draws=draws, level=level, seed=seed
+            )
+        out.append(row | {"gap": gap, "gap_low": low, "gap_high": high, "matches": low <= 0.0})
+    ref = out[ref_i]
+    matching = [r for i, r in enumerate(out) if i != ref_i and r["matches"]]
+    first: dict[str, float] = {}
+    for r in sorted(matching, key=lambda r: r["nfe"]):
+        first.setdefault(f"{r['sampler']}:{r['spacing']}", r["nfe"])
+    match = min(matching, key=lambda r: (r["nfe"], r["wall_seconds"])) if matching else None
+    ref_name = f"{ref['sampler']}-{ref['steps']}"
+    if match is None:
+        note = f"No setting matches {ref_name} (every paired FID gap's interval is above 0)."
+    else:
+        note = (
+            f"{match['sampler']}-{match['steps']} ({match['spacing']}) matches {ref_name} with "
+            f"{match['nfe']:g} NFE: paired FID gap {match['gap']:+.3g} "
+            f"[{match['gap_low']:+.3g}, {match['gap_high']:+.3g}] reaches 0 ({ref_name} takes "
+            f"{ref['nfe']:g} NFE)."
+        )
+    return {"rows": out, "reference": ref, "match": match, "first_match_nfe": first, "note": note}
+
+
 def fewest_nfe_match(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The cheapest setting that reaches the reference quality: FID at or below the upper end of
     the reference's interval. The reference is the DDPM setting with the most steps (DDPM-1000 in
     the usual sweep), or the setting with the most NFE when no DDPM row exists."""
-    if not rows:
-        raise ValueError("an empty sweep has no reference setting")
-    ddpm = [r for r in rows if r["sampler"] == "ddpm"]
-    reference = max(ddpm or rows, key=lambda r: (r["steps"], r["nfe"]))
+    reference = rows[reference_index(rows)]
     others = [r for r in rows if r is not reference and r["fid"] <= reference["fid_high"]]
     match = min(others, key=lambda r: (r["nfe"], r["wall_seconds"])) if others else None
     ref_name = f"{reference['sampler']}-{reference['steps']}"

@@ -11,10 +11,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from diffusion_core.config import DEFAULT_RUNTIME, EvaluationConfig, RuntimeConfig
 from diffusion_core.distributed import inference_dtype, resolve_device
 from diffusion_core.evaluation import quality
-from diffusion_core.evaluation.sweep import fewest_nfe_match, run_sweep
+from diffusion_core.evaluation.fidelity import extract
+from diffusion_core.evaluation.sweep import paired_matches, run_sweep
 from diffusion_core.pipeline.stages.dataset import DatasetRef, read_split
 from diffusion_core.pipeline.stages.evaluate import evaluation_extractor, evaluation_reference
 from diffusion_core.pipeline.stages.sample import fetch_model
@@ -26,7 +29,7 @@ from diffusion_core.sampling import SampleRequest
 class SweepRef:
     prefix: str
     rows: list[dict[str, Any]]
-    note: str  # which setting reaches the reference quality with the fewest NFE
+    note: str  # which setting matches the reference setting with the fewest NFE (paired test)
     match: dict[str, Any] | None
 
 
@@ -41,8 +44,9 @@ def sweep_samplers(
     runtime: RuntimeConfig = DEFAULT_RUNTIME,
 ) -> SweepRef:
     """One row per ``evaluation.sweep`` setting, each at ``evaluation.sweep_num_samples``
-    samples with the other knobs of ``request`` (or the card's). Sweep samples are judged raw (no
-    safety filter) and never published."""
+    samples with the other knobs of ``request`` (or the card's), with its paired FID gap to the
+    reference setting (``evaluation.sweep.paired_matches``) against the holdout. Sweep samples
+    are judged raw (no safety filter) and never published."""
     ec = evaluation
     if not ec.sweep:
         raise ValueError("evaluation.sweep is empty: nothing to sweep")
@@ -61,10 +65,26 @@ def sweep_samplers(
             level=ec.interval_level,
             seed=request.seed,
         )
+        layer = extractor.layer("fid")
+        features = partial(extract, extractor=extractor, device=device, batch_size=ec.batch_size)
+        kept: list[Tensor] = []
+
+        def score_and_keep(images: Tensor) -> dict[str, float]:
+            kept.append(features(images)[layer])
+            return score(images)
+
         base = request.model_copy(update={"num_samples": ec.sweep_num_samples})
         dtype = inference_dtype(device, runtime.precision)
-        rows = run_sweep(net, card, base, ec.sweep, score=score, dtype=dtype)
-    best = fewest_nfe_match(rows)
+        rows = run_sweep(net, card, base, ec.sweep, score=score_and_keep, dtype=dtype)
+        best = paired_matches(
+            rows,
+            kept,
+            features(holdout.images)[layer],
+            draws=ec.interval_draws,
+            level=ec.interval_level,
+            seed=request.seed,
+        )
+    rows = best.pop("rows")
     record = {**evaluation_reference(extractor, ec, dataset, len(holdout)), "safety_filter": False}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
