@@ -109,9 +109,12 @@ def score(
     level: float = 0.95,
     seed: int = 0,
     labels: tuple[Tensor, Tensor] | None = None,
+    keep_features: list[Tensor] | None = None,
 ) -> dict[str, float]:
     """Every number of one evaluation: torch-fidelity's FID, KID, IS and precision/recall, with
-    intervals for FID and KID, and the real-vs-real floor.
+    intervals for FID and KID, and the real-vs-real floor. With ``keep_features``, the generated
+    set's FID-layer features are appended to it (for comparisons between sets, e.g. the sweep's
+    paired gap, without extracting them again).
 
     Intervals: the half-sample scheme of ``metrics.half_sample_interval`` (normal interval whose
     width comes from random halves of both sets drawn without replacement), not the plain
@@ -126,6 +129,8 @@ def score(
     tf = calculate(generated, reference, extractor, device=device, batch_size=batch_size, seed=seed)
     layer = extractor.layer("fid")
     g, r = tf.generated[layer], tf.reference[layer]
+    if keep_features is not None:
+        keep_features.append(g)
     kid_one = partial(kid, subsets=1, seed=seed)
     fid_c, kid_c = tf.raw[KEY_METRIC_FID], tf.raw[KEY_METRIC_KID_MEAN]
     fid_lo, fid_hi = _around(

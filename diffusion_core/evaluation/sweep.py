@@ -108,6 +108,11 @@ def reference_index(rows: list[dict[str, Any]]) -> int:
     return max(ddpm, key=lambda i: (rows[i]["steps"], rows[i]["nfe"]))
 
 
+def cheapest(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The setting with the fewest NFE (then the least wall time) among ``rows``; None if empty."""
+    return min(rows, key=lambda r: (r["nfe"], r["wall_seconds"])) if rows else None
+
+
 def paired_matches(
     rows: list[dict[str, Any]],
     features: list[Tensor],
@@ -144,7 +149,7 @@ def paired_matches(
     first: dict[str, float] = {}
     for r in sorted(matching, key=lambda r: r["nfe"]):
         first.setdefault(f"{r['sampler']}:{r['spacing']}", r["nfe"])
-    match = min(matching, key=lambda r: (r["nfe"], r["wall_seconds"])) if matching else None
+    match = cheapest(matching)
     ref_name = f"{ref['sampler']}-{ref['steps']}"
     if match is None:
         note = f"No setting matches {ref_name} (every paired FID gap's interval is above 0)."
@@ -164,7 +169,7 @@ def fewest_nfe_match(rows: list[dict[str, Any]]) -> dict[str, Any]:
     the usual sweep), or the setting with the most NFE when no DDPM row exists."""
     reference = rows[reference_index(rows)]
     others = [r for r in rows if r is not reference and r["fid"] <= reference["fid_high"]]
-    match = min(others, key=lambda r: (r["nfe"], r["wall_seconds"])) if others else None
+    match = cheapest(others)
     ref_name = f"{reference['sampler']}-{reference['steps']}"
     if match is None:
         note = f"No setting reaches {ref_name} quality (FID <= {reference['fid_high']:.4g})."

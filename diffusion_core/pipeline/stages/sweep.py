@@ -65,21 +65,19 @@ def sweep_samplers(
             level=ec.interval_level,
             seed=request.seed,
         )
-        layer = extractor.layer("fid")
-        features = partial(extract, extractor=extractor, device=device, batch_size=ec.batch_size)
-        kept: list[Tensor] = []
-
-        def score_and_keep(images: Tensor) -> dict[str, float]:
-            kept.append(features(images)[layer])
-            return score(images)
-
+        kept: list[Tensor] = []  # each setting's features, as its score extracted them
         base = request.model_copy(update={"num_samples": ec.sweep_num_samples})
         dtype = inference_dtype(device, runtime.precision)
-        rows = run_sweep(net, card, base, ec.sweep, score=score_and_keep, dtype=dtype)
+        rows = run_sweep(
+            net, card, base, ec.sweep, score=partial(score, keep_features=kept), dtype=dtype
+        )
+        holdout_features = extract(
+            holdout.images, extractor, device=device, batch_size=ec.batch_size
+        )[extractor.layer("fid")]
         best = paired_matches(
             rows,
             kept,
-            features(holdout.images)[layer],
+            holdout_features,
             draws=ec.interval_draws,
             level=ec.interval_level,
             seed=request.seed,
