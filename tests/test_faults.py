@@ -286,6 +286,7 @@ def test_kill_9_in_training_resumes_exactly(tmp_path: Path, tiny_config_dict: di
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # a minute or more: make test-scenarios
 def test_a_killed_run_leaves_no_server_and_the_next_run_cleans_up(
     tmp_path: Path, tiny_config_dict: dict
 ) -> None:

@@ -259,6 +259,7 @@ def _run(home: Path, config: Path, *overrides: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # a minute or more: make test-scenarios
 def test_two_runs_on_one_home_take_turns(tmp_path):
     """A second run of the same model exits 1 naming the run that holds it, before it touches
     MLflow; a run of another model that would train into the same directory stops at training."""

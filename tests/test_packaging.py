@@ -75,6 +75,7 @@ def test_the_wheel_holds_the_packages_and_their_data(wheel: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # a minute or more: make test-scenarios
 def test_quickstart_runs_from_a_fresh_venv_outside_the_repository(wheel: Path, tmp_path: Path):
     """A fresh venv with diffpipe from the wheel only (its dependencies are the test
     environment's, seen through a path file that runs none of that environment's own hooks, so

@@ -293,6 +293,7 @@ def _diffpipe(home: Path, config: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # a minute or more: make test-scenarios
 def test_a_killed_run_resumes_from_the_store_on_a_fresh_host(tmp_path) -> None:
     """kill -9 during training, the worker's disk wiped (another host): the next run resumes
     from the newest checkpoint in the store and ends with the weights of an uninterrupted run."""
@@ -376,6 +377,7 @@ def test_sampling_on_a_dask_cluster_gives_the_same_samples_and_fid(harness, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # a minute or more: make test-scenarios
 def test_the_prepare_cache_is_shared_by_hosts_that_share_the_store(tmp_path) -> None:
     """Two hosts (two DIFFPIPE_HOMEs, so two Prefect servers and databases) and one store: the
     second host's prepare step is served from the cache the first one left in the store."""
