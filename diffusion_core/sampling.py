@@ -45,7 +45,7 @@ from diffusion_core.text import (
     load_text_encoder,
     text_cond,
 )
-from diffusion_core.unet import CompiledForInference, UNet
+from diffusion_core.unet import CompiledForInference, UNet, channels_last_format
 
 DEFAULT_NUM_SAMPLES = 8  # when a request names neither a count nor labels nor prompts
 MAX_BATCH_SIZE = 4096  # images in one network call; memory grows with it
@@ -259,15 +259,10 @@ def request_prompts(card: ModelCard, request: SampleRequest) -> list[str] | None
 
 
 def prefers_channels_last(net: nn.Module, dtype: torch.dtype | None) -> bool:
-    """Whether ``net`` samples faster with its weights in channels-last memory: our 2-D U-Net
-    on a CPU in fp32, where oneDNN's NHWC convolutions ran 1.1-1.3x faster (in bf16 they ran
-    slower, and GPUs are not measured yet: bench/README.md)."""
-    return (
-        isinstance(net, UNet)
-        and net.dims == 2
-        and dtype is None
-        and next(net.parameters()).device.type == "cpu"
-    )
+    """Whether ``net`` samples faster with its weights in channels-last memory: our U-Net on a
+    CPU in fp32, where oneDNN's channels-last convolutions ran 1.1-1.3x faster in 2-D and 1.5x
+    in 3-D (in bf16 they ran slower in 2-D, and GPUs are not measured yet: bench/README.md)."""
+    return isinstance(net, UNet) and dtype is None and next(net.parameters()).device.type == "cpu"
 
 
 def sampling_network(
@@ -285,7 +280,7 @@ def sampling_network(
         return net
     fast = copy.deepcopy(net).eval()
     if laid_out:
-        fast = fast.to(memory_format=torch.channels_last)
+        fast = fast.to(memory_format=channels_last_format(fast))
     return CompiledForInference(fast) if compile else fast
 
 

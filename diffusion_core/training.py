@@ -49,6 +49,7 @@ from diffusion_core.text import (
     load_text_encoder,
     resolve_context_dim,
 )
+from diffusion_core.unet import UNet, channels_last_format
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,16 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def training_layout(net: nn.Module, device: torch.device, precision: str) -> torch.memory_format:
+    """The memory format the trainer keeps ``net`` in: channels-last (NDHWC) for our 3-D U-Net
+    on a CPU in fp32, where oneDNN's channels-last 3-D convolutions made the volume config's
+    training step 1.4x faster (bench/README.md); contiguous elsewhere (2-D: within noise; bf16
+    and GPUs: not measured). Checkpoints are written contiguous either way."""
+    if isinstance(net, UNet) and net.dims == 3 and device.type == "cpu" and precision == "fp32":
+        return channels_last_format(net)
+    return torch.contiguous_format
+
+
 def model_card(cfg: RunConfig, dataset: TrainData, text_record: dict[str, Any] | None) -> ModelCard:
     """The card of a model trained with ``cfg`` on ``dataset`` (its sampling: ``cfg.sample``'s)."""
     conditional = cfg.model.class_conditional and dataset.labels is not None
@@ -271,7 +282,7 @@ def train(
             )
         net.load_state_dict(read_weights(init.weights))
         log.info("starting from the weights of %s", init.source)
-    net = net.to(device)
+    net = net.to(device).to(memory_format=training_layout(net, device, tc.precision))
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))

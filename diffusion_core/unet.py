@@ -364,6 +364,12 @@ def _check_args(
         raise ValueError(f"context_dim must be >= 1 or None, got {context_dim}")
 
 
+def channels_last_format(net: nn.Module) -> torch.memory_format:
+    """The channels-last memory format for ``net``'s convolutions: NHWC for a 2-D network, NDHWC
+    for a 3-D one (``dims``, 2 when the network has none)."""
+    return torch.channels_last_3d if getattr(net, "dims", 2) == 3 else torch.channels_last
+
+
 def compile_unet(net: nn.Module, *, dynamic: bool = False) -> nn.Module:
     """``torch.compile`` (inductor) of a network; same results within bf16 tolerance."""
     return cast(nn.Module, torch.compile(net, dynamic=dynamic))

@@ -1,11 +1,12 @@
-"""Sampling lays the network out in channels-last memory where that is faster (our 2-D U-Net on a
-CPU in fp32): the same samples, and the caller's network untouched."""
+"""Sampling lays the network out in channels-last memory where that is faster (our 2-D and 3-D
+U-Nets on a CPU in fp32): the same samples, and the caller's network untouched."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,8 +16,9 @@ from diffusion_core.unet import CompiledForInference, UNet
 from tests.conftest import TINY, card_for
 
 
-def tiny_net_and_card():
-    cfg = parse_config(TINY)
+def tiny_net_and_card(dims: int = 2):
+    volumes = {"data": {"kind": "volumes", "image_size": 8}, "model": TINY["model"] | {"dims": 3}}
+    cfg = parse_config(TINY if dims == 2 else TINY | volumes)
     card = card_for(cfg)
     torch.manual_seed(0)
     net = card.build().eval()
@@ -39,12 +41,15 @@ def test_channels_last_is_chosen_only_where_it_was_measured_faster() -> None:
         num_heads=1,
         dims=3,
     )
-    assert not prefers_channels_last(volume, None)  # 5-D tensors: not measured
+    assert prefers_channels_last(volume, None)  # NDHWC: 1.5x faster on a CPU in fp32
     assert not prefers_channels_last(torch.nn.Conv2d(1, 1, 3), None)  # not our U-Net
 
 
-def test_channels_last_sampling_gives_the_same_images_and_leaves_the_network_alone() -> None:
-    net, card = tiny_net_and_card()
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_sampling_gives_the_same_images_and_leaves_the_network_alone(
+    dims: int,
+) -> None:
+    net, card = tiny_net_and_card(dims)
     weights = {k: v.clone() for k, v in net.state_dict().items()}
     request = SampleRequest(num_samples=6, steps=5, guidance_scale=2.0, clip_x0=False, seed=3)
     plain = generate(net, card, request, channels_last=False).images

@@ -252,3 +252,68 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_config_file):
     two = weights(latest_checkpoint(tmp_path / "two" / "checkpoints"), "weights.safetensors")
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_3d_training_on_a_cpu_keeps_channels_last_and_matches_contiguous(
+    tmp_path, tiny_config_dict, monkeypatch
+):
+    """The 3-D U-Net trains channels-last on a CPU in fp32 (faster there): the same weights as
+    a contiguous run up to float rounding, exact resume, and contiguous checkpoints."""
+    from diffusion_core.unet import UNet
+
+    tiny_config_dict["data"] = {"kind": "volumes", "image_size": 8}
+    tiny_config_dict["model"].update(
+        dims=3, base_channels=8, channel_mults=[1, 2], attention_resolutions=[4]
+    )
+    tiny_config_dict["train"].update(steps=4, checkpoint_every=100, precision="fp32")
+    cfg = parse_config(tiny_config_dict)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 8, 8, 8), generator=g, dtype=torch.uint8)
+    data = ImageDataset(images=images, labels=torch.arange(32) % 3, class_names=["a", "b", "c"])
+
+    cpu = torch.device("cpu")
+    volume_net = UNet(
+        in_channels=1,
+        out_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+        num_classes=3,
+        dims=3,
+    )
+    assert training.training_layout(volume_net, cpu, "fp32") == torch.channels_last_3d
+    assert training.training_layout(volume_net, cpu, "bf16") == torch.contiguous_format
+    image_net = UNet(
+        in_channels=1,
+        out_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+        num_classes=3,
+        dims=2,
+    )
+    assert training.training_layout(image_net, cpu, "fp32") == torch.contiguous_format
+
+    chosen = []
+    rule = training.training_layout
+    monkeypatch.setattr(
+        training, "training_layout", lambda *a: chosen.append(rule(*a)) or chosen[-1]
+    )
+    laid_out = train(cfg, data, tmp_path / "a", progress=False)
+    assert chosen == [torch.channels_last_3d]
+    train(cfg, data, tmp_path / "b", max_steps=2, progress=False)
+    resumed = train(cfg, data, tmp_path / "b", progress=False)
+    monkeypatch.setattr(training, "training_layout", lambda *a: torch.contiguous_format)
+    plain = train(cfg, data, tmp_path / "c", progress=False)
+    for name in ("weights.safetensors", "ema.safetensors"):
+        a, b, c = (weights(r.checkpoint, name) for r in (laid_out, resumed, plain))
+        for k in a:
+            assert a[k].is_contiguous()
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+            torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5, msg=f"{name}:{k}")
