@@ -223,6 +223,35 @@ def test_the_flow_trains_in_two_processes_as_in_one(harness, tmp_path, monkeypat
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
 
 
+def test_only_torchruns_rank_0_writes_the_result(tmp_path, monkeypatch) -> None:
+    """Training leaves the process group before the result is written, so the process group can
+    no longer tell the ranks apart: the result is rank 0's by torchrun's RANK, written whole
+    (two ranks writing one file interleaved their JSON)."""
+    from types import SimpleNamespace
+
+    import diffusion_core.pipeline.stages.train as stage
+    from diffusion_core.config import parse_config
+    from tests.conftest import TINY, card_for
+
+    card = card_for(parse_config(TINY))
+    done = SimpleNamespace(
+        checkpoint=tmp_path / "ckpt", card=card, steps=6, images_per_second=1.0, history=[]
+    )
+    monkeypatch.setattr(stage, "run_training", lambda *a, **k: done)
+    monkeypatch.setattr(stage.DatasetRef, "from_json", staticmethod(lambda *a, **k: None))
+    for rank in (1, 0):
+        out = tmp_path / f"out-{rank}"
+        out.mkdir()
+        store = f"file://{tmp_path / 'store'}"
+        stage.TrainSpec(TINY, "{}", store, str(tmp_path), str(out)).write(tmp_path / "spec.json")
+        monkeypatch.setenv("RANK", str(rank))
+        stage.main(str(tmp_path / "spec.json"))
+        written = sorted(p.name for p in out.iterdir())
+        assert written == ([] if rank else ["result.json"])
+    result = json.loads((tmp_path / "out-0" / "result.json").read_text())
+    assert result["steps"] == 6 and result["card"] == card.model_dump(mode="json")
+
+
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_process(tmp_path, monkeypatch) -> None:
     """Node 0 is the train step, node 1 is `diffpipe train-node` in another process; they meet

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from diffusion_core.config import RunConfig
-from diffusion_core.distributed import rank_and_world, resolve_device
+from diffusion_core.distributed import resolve_device
+from diffusion_core.io import atomic_path
 from diffusion_core.model import CARD_FILE, LATEST, ModelCard
 from diffusion_core.pipeline.layout import training_prefix
 from diffusion_core.pipeline.lock import hold
@@ -371,8 +372,8 @@ def main(spec_path: str) -> None:
         done = run_training(
             cfg, dataset, store, Path(spec.work_dir), progress=False, parent=spec.parent_ref()
         )
-        if rank_and_world()[0] == 0:
-            result = {
+        if rank == 0:  # torchrun's rank: the process group is left by now, so every process
+            result = {  # would call itself rank 0 of 1 and write (interleaved) result.json
                 "checkpoint": str(done.checkpoint),
                 "card": done.card.model_dump(mode="json"),
                 "steps": done.steps,
@@ -380,7 +381,8 @@ def main(spec_path: str) -> None:
                 "history": done.history,
                 "device": str(resolve_device(cfg.runtime.device)),
             }
-            (out / "result.json").write_text(json.dumps(result))
+            with atomic_path(out / "result.json") as tmp:
+                tmp.write_text(json.dumps(result))
     except Exception as exc:
         (out / f"error-rank{rank}.txt").write_text(f"rank {rank}: {type(exc).__name__}: {exc}")
         traceback.print_exc()
