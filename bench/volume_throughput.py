@@ -71,7 +71,9 @@ def main() -> None:
     b = cfg.sample.batch_size
     x = torch.randn(2 * b, *card.sample_shape)
     t = torch.full((2 * b,), cfg.diffusion.num_steps // 2)
-    labels = torch.cat([torch.arange(b) % 3, torch.full((b,), 3)])
+    k = card.num_classes  # guided: the conditional half, then the null class k
+    assert k is not None, "the sampling call is timed for a class-conditional config"
+    labels = torch.cat([torch.arange(b) % k, torch.full((b,), k)])
     cond = Cond(labels=labels)
     sample_s: dict[str, list[float]] = {"channels-last": [], "contiguous": []}
     with torch.no_grad():

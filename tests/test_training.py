@@ -272,32 +272,23 @@ def test_3d_training_on_a_cpu_keeps_channels_last_and_matches_contiguous(
     data = ImageDataset(images=images, labels=torch.arange(32) % 3, class_names=["a", "b", "c"])
 
     cpu = torch.device("cpu")
-    volume_net = UNet(
-        in_channels=1,
-        out_channels=1,
-        image_size=8,
-        base_channels=8,
-        channel_mults=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        num_heads=2,
-        num_classes=3,
-        dims=3,
+    volume_net, image_net = (
+        UNet(
+            in_channels=1,
+            out_channels=1,
+            image_size=8,
+            base_channels=8,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            num_heads=2,
+            num_classes=3,
+            dims=dims,
+        )
+        for dims in (3, 2)
     )
     assert training.training_layout(volume_net, cpu, "fp32") == torch.channels_last_3d
     assert training.training_layout(volume_net, cpu, "bf16") == torch.contiguous_format
-    image_net = UNet(
-        in_channels=1,
-        out_channels=1,
-        image_size=8,
-        base_channels=8,
-        channel_mults=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        num_heads=2,
-        num_classes=3,
-        dims=2,
-    )
     assert training.training_layout(image_net, cpu, "fp32") == torch.contiguous_format
 
     chosen = []
