@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -539,42 +540,48 @@ def installs_and_predicts(tmp_path: Path, versions: list[str]) -> None:
     import mlflow
 
     venv = tmp_path / "fresh"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = [
-        str(venv / "bin" / "python"),
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-    ]
-    base = [f"torch=={metadata.version('torch')}", f"mlflow=={metadata.version('mlflow')}"]
-    subprocess.run([*pip, *base], check=True, timeout=1200, capture_output=True)
-    probe = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import diffusion_core"],
-        cwd=tmp_path,
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
-        capture_output=True,
-    )
-    assert probe.returncode != 0  # nothing of this repository in the fresh environment
-    client = mlflow.MlflowClient()
-    for version in versions:
-        source = client.get_model_version_download_uri("nights", version)
-        local = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / version)))
-        requirements = (local / "requirements.txt").read_text()
-        assert "diffpipe" not in requirements and "torch==" in requirements
-        subprocess.run([*pip, "-r", str(local / "requirements.txt")], check=True, timeout=1200)
-        script = (
-            "import mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-            "print(m.predict({'num_samples': 2, 'steps': 3, 'seed': 1}).shape)"
-        )
-        out = subprocess.run(
-            [str(venv / "bin" / "python"), "-c", script, str(local)],
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        pip = [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+        ]
+        base = [f"torch=={metadata.version('torch')}", f"mlflow=={metadata.version('mlflow')}"]
+        installed = subprocess.run([*pip, *base], timeout=1200, capture_output=True, text=True)
+        assert installed.returncode == 0, installed.stderr[-3000:]  # pip's words, e.g. disk full
+        probe = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import diffusion_core"],
             cwd=tmp_path,
             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
             capture_output=True,
-            text=True,
-            timeout=600,
         )
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.strip().splitlines()[-1] == "(2, 8, 8, 1)", out.stdout
+        assert probe.returncode != 0  # nothing of this repository in the fresh environment
+        client = mlflow.MlflowClient()
+        for version in versions:
+            source = client.get_model_version_download_uri("nights", version)
+            local = Path(
+                mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / version))
+            )
+            requirements = (local / "requirements.txt").read_text()
+            assert "diffpipe" not in requirements and "torch==" in requirements
+            subprocess.run([*pip, "-r", str(local / "requirements.txt")], check=True, timeout=1200)
+            script = (
+                "import mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+                "print(m.predict({'num_samples': 2, 'steps': 3, 'seed': 1}).shape)"
+            )
+            out = subprocess.run(
+                [str(venv / "bin" / "python"), "-c", script, str(local)],
+                cwd=tmp_path,
+                env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert out.returncode == 0, out.stderr[-3000:]
+            assert out.stdout.strip().splitlines()[-1] == "(2, 8, 8, 1)", out.stdout
+    finally:  # torch and MLflow take gigabytes: never leave them behind, failed or not
+        shutil.rmtree(venv, ignore_errors=True)

@@ -67,14 +67,18 @@ def postgres() -> Iterator[str]:
         shutil.chown(root, "postgres")
         shutil.chown(sockets, "postgres")
     port = free_port()
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [*prefix, *args], check=True, capture_output=True, text=True, timeout=120
-    )
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    options = f"-h 127.0.0.1 -p {port} -k {sockets}"
-    log = root / "server.log"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
+
+    def run(*args: str) -> None:
+        done = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:  # the tool's own words, not only its exit status
+            said = (done.stderr.strip() or done.stdout.strip())[-2000:]
+            raise RuntimeError(f"{Path(args[0]).name} exited with {done.returncode}: {said}")
+
     try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-h 127.0.0.1 -p {port} -k {sockets}"
+        log = root / "server.log"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start")
         import psycopg
 
         base = f"postgresql://postgres@127.0.0.1:{port}"
@@ -86,12 +90,13 @@ def postgres() -> Iterator[str]:
         conn.close()
         yield base
     finally:
-        subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-            capture_output=True,
-            timeout=120,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                timeout=120,
+            )
+        shutil.rmtree(root, ignore_errors=True)  # also when initdb or the start failed
 
 
 @pytest.fixture(scope="module")

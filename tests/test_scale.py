@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -206,6 +207,9 @@ def checkpoint_weights(root: Path, summary: dict) -> dict[str, torch.Tensor]:
 def test_the_flow_trains_in_two_processes_as_in_one(harness, tmp_path, monkeypatch) -> None:
     from diffpipe.flows.pipeline import nightly
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     weights = []
     for nproc in (1, 2):
         home = tmp_path / f"home-{nproc}"
@@ -221,6 +225,21 @@ def test_the_flow_trains_in_two_processes_as_in_one(harness, tmp_path, monkeypat
         weights.append(checkpoint_weights(home, summary))
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)
+    assert not list(scratch.glob("diffpipe-train-*"))  # the processes' exchange folder is gone
+
+
+@pytest.mark.slow
+def test_a_failing_rank_is_reported_and_leaves_no_exchange_folder(tmp_path, monkeypatch) -> None:
+    """Both torchrun processes fail on a dataset reference that is not one: the error is the
+    rank's own, and the folder the processes exchanged their spec and errors through is gone."""
+    import diffusion_core.pipeline.stages.train as stage
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = stage.TrainSpec(TINY, "{not json", f"file://{tmp_path / 'store'}", str(tmp_path), "")
+    with pytest.raises(stage.TrainingError, match=r"distributed training failed: rank \d: "):
+        stage._torchrun(spec, 2, stage.Nodes())
+    assert not list(tmp_path.glob("diffpipe-train-*"))
 
 
 def test_only_torchruns_rank_0_writes_the_result(tmp_path, monkeypatch) -> None:

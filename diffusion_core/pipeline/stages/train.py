@@ -225,28 +225,32 @@ class Nodes:
         return f"training/nodes/{self.run_id}/spec.json"
 
 
-def _torchrun(spec: TrainSpec, nproc: int, nodes: Nodes) -> Path:
+def _torchrun(spec: TrainSpec, nproc: int, nodes: Nodes) -> dict[str, Any] | None:
     """Run ``nproc`` processes of this node under torchrun, their output streamed into this
-    process's log; the folder of rank 0's ``result.json``, or TrainingError with the failing
-    rank's error."""
+    process's log; rank 0's ``result.json`` (None on the other nodes, which have no rank 0), or
+    TrainingError with the failing rank's error. The exchange folder is removed either way."""
     out = Path(tempfile.mkdtemp(prefix="diffpipe-train-"))
-    spec = TrainSpec(**{**asdict(spec), "out_dir": str(out)})
-    spec_file = out / "spec.json"
-    spec.write(spec_file)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args()]
-    command = [*torchrun, f"--nproc-per-node={nproc}", "-m", __name__, str(spec_file)]
-    log.info("training in %d processes: %s", nproc, " ".join(command))
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.info("%s", line.rstrip())
-    errors = sorted(out.glob("error-rank*.txt"))
-    if proc.returncode != 0 or errors:
-        message = errors[0].read_text() if errors else f"torchrun exited with {proc.returncode}"
-        raise TrainingError(f"distributed training failed: {message}")
-    return out
+    try:
+        spec = TrainSpec(**{**asdict(spec), "out_dir": str(out)})
+        spec_file = out / "spec.json"
+        spec.write(spec_file)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", *nodes.torchrun_args()]
+        command = [*torchrun, f"--nproc-per-node={nproc}", "-m", __name__, str(spec_file)]
+        log.info("training in %d processes: %s", nproc, " ".join(command))
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.info("%s", line.rstrip())
+        errors = sorted(out.glob("error-rank*.txt"))
+        if proc.returncode != 0 or errors:
+            message = errors[0].read_text() if errors else f"torchrun exited with {proc.returncode}"
+            raise TrainingError(f"distributed training failed: {message}")
+        result = out / "result.json"
+        return json.loads(result.read_text()) if result.exists() else None
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def train_node(store: ArtefactStore, *, work_dir: Path, timeout: float = 3600) -> None:
@@ -280,7 +284,7 @@ def train_node(store: ArtefactStore, *, work_dir: Path, timeout: float = 3600) -
         training_prefix(identity(cfg, dataset, parent)),
         work_dir_for(cfg, dataset, work_dir, parent),
     )
-    shutil.rmtree(_torchrun(spec, processes(cfg), nodes), ignore_errors=True)
+    _torchrun(spec, processes(cfg), nodes)
 
 
 LOCK_GRACE_S = 10.0  # how long training waits for its directory's lock
@@ -334,15 +338,15 @@ def _train_model(
         if nodes.count > 1:  # the other nodes read it (diffpipe train-node)
             store.write_json(nodes.spec_key, {"spec": asdict(spec), "written_at": time.time()})
         try:
-            out = _torchrun(spec, nproc, nodes)
+            result = _torchrun(spec, nproc, nodes)
         finally:
             if nodes.count > 1:
                 store.delete(nodes.spec_key)
-        result = json.loads((out / "result.json").read_text())
+        if result is None:
+            raise TrainingError("distributed training ended without rank 0's result")
         checkpoint, card = Path(result["checkpoint"]), ModelCard.from_dict(result["card"])
         steps_run, ips, history = result["steps"], result["images_per_second"], result["history"]
         device = result["device"]
-        shutil.rmtree(out, ignore_errors=True)
     else:
         done = run_training(cfg, dataset, store, work_dir, progress=progress, parent=parent)
         checkpoint, card, steps_run = done.checkpoint, done.card, done.steps
