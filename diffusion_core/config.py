@@ -263,8 +263,8 @@ class SamplingDefaults(StrictModel):
     guidance_interval: tuple[float, float] | None = None
     """Guide only at noise levels low < sigma <= high (EDM's sigma; Kynkaanniemi et al. 2024);
     unset: at every step."""
-    eta: float = Field(0.0, ge=0.0)
-    """DDIM's eta (0 deterministic, 1 DDPM-like)."""
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    """DDIM's eta in [0, 1] (0 deterministic, 1 DDPM-like)."""
     variance: Variance = "fixed_small"
     """DDPM's posterior variance (beta tilde) or beta."""
     clip_x0: bool = True

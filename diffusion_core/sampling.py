@@ -76,7 +76,7 @@ class SampleRequest(StrictModel):
     spacing: Spacing | None = None
     guidance_scale: float | None = Field(None, ge=0.0)
     guidance_interval: tuple[float, float] | None = None
-    eta: float | None = Field(None, ge=0.0)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
     variance: Variance | None = None
     clip_x0: bool | None = None
     num_samples: int | None = Field(None, ge=1)

@@ -45,6 +45,20 @@ def test_bad_number_names_key():
         parse_config({"train": {"batch_size": 0}})
 
 
+def test_ddims_eta_out_of_range_is_refused_at_load_not_at_sampling():
+    """DDIM's eta lives in [0, 1]: 2 is a config error naming the key, not a sampler error after
+    the training; a request to a registered model is refused likewise."""
+    from pydantic import ValidationError
+
+    from diffusion_core.sampling import SampleRequest
+
+    with pytest.raises(ConfigError, match=r"sample\.eta.*less than or equal to 1"):
+        parse_config({"sample": {"eta": 2.0}})
+    assert parse_config({"sample": {"eta": 1.0}}).sample.eta == 1.0
+    with pytest.raises(ValidationError, match=r"eta"):
+        SampleRequest(eta=1.5)
+
+
 def test_root_required_for_folder():
     with pytest.raises(ConfigError, match=r"data\.root is required"):
         parse_config({"data": {"kind": "folder"}})
