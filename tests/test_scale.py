@@ -98,6 +98,7 @@ def test_bf16_sampling_runs_under_autocast_and_stays_close(tmp_path: Path) -> No
 # Streaming data.
 
 
+@pytest.mark.scenario  # about 20 s: make test-scenarios
 def test_training_reads_a_dataset_larger_than_its_memory_bound(tmp_path: Path) -> None:
     """A training process's peak resident memory grows far less than the dataset on disk."""
     shards, per_shard, side = 6, 2000, 64  # 6 x 2000 x 3 x 64 x 64 bytes = 295 MB on disk
@@ -399,6 +400,7 @@ def test_a_killed_run_resumes_from_the_store_on_a_fresh_host(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario  # about 20 s: make test-scenarios
 def test_sampling_on_a_dask_cluster_gives_the_same_samples_and_fid(harness, tmp_path) -> None:
     """The sampling shards on a 2-worker LocalCluster (processes, loopback only): the same
     published samples and the same FID as Prefect's thread runner, for the same seeds."""
