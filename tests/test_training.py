@@ -18,7 +18,7 @@ from diffusion_core.model import ModelCard, latest_checkpoint, load_model, write
 from diffusion_core.parameterization import EDMPrediction, prediction_for
 from diffusion_core.sampling import SampleRequest, generate
 from diffusion_core.training import TrainingError, train
-from tests.conftest import free_port
+from tests.conftest import TINY, card_for, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,8 +259,6 @@ def test_3d_training_on_a_cpu_keeps_channels_last_and_matches_contiguous(
 ):
     """The 3-D U-Net trains channels-last on a CPU in fp32 (faster there): the same weights as
     a contiguous run up to float rounding, exact resume, and contiguous checkpoints."""
-    from diffusion_core.unet import UNet
-
     tiny_config_dict["data"] = {"kind": "volumes", "image_size": 8}
     tiny_config_dict["model"].update(
         dims=3, base_channels=8, channel_mults=[1, 2], attention_resolutions=[4]
@@ -272,21 +270,9 @@ def test_3d_training_on_a_cpu_keeps_channels_last_and_matches_contiguous(
     data = ImageDataset(images=images, labels=torch.arange(32) % 3, class_names=["a", "b", "c"])
 
     cpu = torch.device("cpu")
-    volume_net, image_net = (
-        UNet(
-            in_channels=1,
-            out_channels=1,
-            image_size=8,
-            base_channels=8,
-            channel_mults=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(4,),
-            num_heads=2,
-            num_classes=3,
-            dims=dims,
-        )
-        for dims in (3, 2)
-    )
+    # The networks of this config (3-D) and of the 2-D tiny config, as the trainer builds them.
+    volume_net = card_for(cfg, num_classes=3).build()
+    image_net = card_for(parse_config(TINY)).build()
     assert training.training_layout(volume_net, cpu, "fp32") == torch.channels_last_3d
     assert training.training_layout(volume_net, cpu, "bf16") == torch.contiguous_format
     assert training.training_layout(image_net, cpu, "fp32") == torch.contiguous_format
