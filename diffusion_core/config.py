@@ -207,6 +207,11 @@ class TrainConfig(StrictModel):
     """AdamW weight decay."""
     warmup_steps: int = Field(100, ge=0)
     """Linear learning-rate warm-up."""
+    lr_decay: Literal["none", "cosine", "linear"] = "none"
+    """After warm-up: the learning rate stays (none) or falls to ``lr_final`` times ``lr`` at
+    the last step along a half cosine or a line."""
+    lr_final: float = Field(0.0, ge=0.0, le=1.0)
+    """The learning rate at the last step, as a fraction of ``lr`` (with ``lr_decay`` only)."""
     grad_clip: float | None = Field(1.0, gt=0.0)
     """Gradient-norm clipping; unset: none."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
@@ -239,6 +244,15 @@ class TrainConfig(StrictModel):
     """Warm start from a registered version's EMA weights: none, champion (this model's
     champion; from scratch while there is none), models:/NAME@ALIAS or models:/NAME/N. Its model
     card must match this config's; the version is recorded as the new version's parent."""
+
+    @model_validator(mode="after")
+    def _lr_final_needs_decay(self) -> TrainConfig:
+        if self.lr_decay == "none" and self.lr_final != 0.0:
+            raise ValueError(
+                f"train.lr_final={self.lr_final} takes effect only with train.lr_decay "
+                "(cosine or linear); set one or remove lr_final"
+            )
+        return self
 
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "euler", "euler_ancestral", "heun", "unipc"]
@@ -646,6 +660,8 @@ class RunConfig(StrictModel):
         names a version, not weights). Sampling, safety, evaluation, watermark and sharding
         never enter it, so changing them never retrains."""
         train = self.train.model_dump(mode="json", exclude={*TRAIN_BOOKKEEPING, "init_from"})
+        if self.train.lr_decay == "none":  # configs written before the setting keep their identity
+            del train["lr_decay"], train["lr_final"]
         return _digest(
             {
                 "model": self.model.model_dump(mode="json"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,15 +136,23 @@ class TrainStep:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         if self.ema is not None:
-            module = (
-                self.net.module
-                if isinstance(self.net, nn.parallel.DistributedDataParallel)
-                else self.net
-            )
-            assert isinstance(module, nn.Module)
-            self.ema.update(module, self.step)
+            self.ema.update(unwrapped(self.net), self.step)
         self.step += 1
         return loss.detach()
+
+
+def unwrapped(model: object) -> nn.Module:
+    """The network inside ``torch.compile`` and DistributedDataParallel wrappers (in either order):
+    the module whose parameters, and state-dict keys, the EMA and checkpoints hold."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            break
+    assert isinstance(model, nn.Module), f"not a network: {type(model).__name__}"
+    return model
 
 
 def _default_gen(x: Tensor) -> torch.Generator:
@@ -191,9 +200,22 @@ def _prompt_table(
     return table.to(device), encoder_record(clip, tc), cfg
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+def lr_lambda(
+    warmup_steps: int, steps: int, decay: str = "none", final: float = 0.0
+) -> Callable[[int], float]:
+    """The learning rate of step ``step`` (counted from 0) as a fraction of ``train.lr``: a
+    linear warm-up over ``warmup_steps``, then constant (``none``) or falling along a half cosine
+    or a line to ``final`` at the last step, ``steps - 1``."""
+
     def f(step: int) -> float:
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "none" or steps - 1 <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (steps - 1 - warmup_steps))
+        if decay == "cosine":
+            return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return final + (1.0 - final) * (1.0 - progress)
 
     return f
 
@@ -285,7 +307,9 @@ def train(
     net = net.to(device).to(memory_format=training_layout(net, device, tc.precision))
     ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(tc.warmup_steps))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.lr_decay, tc.lr_final)
+    )
     model: Any = net
     if world > 1:
         model = nn.parallel.DistributedDataParallel(

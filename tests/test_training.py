@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_core import model, training
+from diffusion_core import config, model, training
 from diffusion_core.batches import BatchSchedule
 from diffusion_core.config import parse_config
 from diffusion_core.data import ImageDataset
@@ -216,6 +217,80 @@ def test_ema_warmup_and_update():
     ema.update(net, step=0)
     expected = before + (1 - 0.1) * (net.weight - before)
     assert torch.allclose(ema.shadow["weight"], expected)
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine", "linear"])
+def test_learning_rate_follows_its_schedule_step_by_step(tmp_path, tiny_config_dict, decay):
+    """Warm-up over 2 steps, then constant or falling to lr_final x lr at the last of 7 steps;
+    the trainer's logged rate after step s is the rate of step s (closed forms)."""
+    lr, final = 1e-3, 0.1 if decay != "none" else 0.0
+    tiny_config_dict["train"].update(
+        steps=7, warmup_steps=2, lr=lr, lr_decay=decay, lr_final=final, log_every=1
+    )
+    records: list[dict[str, float]] = []
+    train(parse_config(tiny_config_dict), toy_dataset(), tmp_path, on_log=records.append)
+    logged = {int(r["step"]): r["lr"] for r in records}
+    progress = {s: (s - 2) / 4 for s in range(2, 7)}  # steps 2..6 decay, 6 being the last
+    shape = {
+        "none": lambda p: 1.0,
+        "cosine": lambda p: final + (1 - final) * (1 + math.cos(math.pi * p)) / 2,
+        "linear": lambda p: final + (1 - final) * (1 - p),
+    }[decay]
+    expected = {1: lr * 2 / 2, **{s: lr * shape(p) for s, p in progress.items()}}
+    for s, want in expected.items():
+        assert logged[s] == pytest.approx(want), f"step {s}"
+    if decay != "none":
+        assert logged[6] == pytest.approx(lr * final) and logged[4] < logged[3] < logged[2]
+
+
+def test_lr_final_without_a_decay_is_refused(tiny_config_dict):
+    tiny_config_dict["train"]["lr_final"] = 0.1
+    with pytest.raises(
+        ValueError, match=r"train\.lr_final=0\.1 takes effect only with train\.lr_decay"
+    ):
+        parse_config(tiny_config_dict)
+
+
+def test_a_constant_learning_rate_keeps_the_training_identity_of_older_configs(tiny_config_dict):
+    """lr_decay and lr_final enter the identity only when a decay is set, so the checkpoints of
+    configs written before the setting still resume; a decay is another training."""
+    cfg = parse_config(tiny_config_dict)
+    dumped = cfg.train.model_dump(mode="json", exclude={*config.TRAIN_BOOKKEEPING, "init_from"})
+    del dumped["lr_decay"], dumped["lr_final"]
+    older = config._digest(
+        {
+            "model": cfg.model.model_dump(mode="json"),
+            "diffusion": cfg.diffusion.model_dump(mode="json"),
+            "text": None,
+            "train": dumped,
+            "dataset_sha256": "d",
+        }
+    )
+    assert cfg.training_identity("d") == older
+    tiny_config_dict["train"]["lr_decay"] = "cosine"
+    assert parse_config(tiny_config_dict).training_identity("d") != older
+
+
+def test_a_compiled_network_trains_and_keeps_its_ema(tmp_path, tiny_config_dict, monkeypatch):
+    """train.compile wraps the network in torch.compile, whose state-dict keys carry a prefix;
+    the EMA and the checkpoint still follow the network itself: same weights and EMA as an eager
+    run (torch.compile's eager backend here, so that the test does not wait for a C++ compile)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))
+    tiny_config_dict["train"].update(steps=3, checkpoint_every=100, precision="fp32")
+    data = toy_dataset()
+    runs = {}
+    for compiled in (False, True):
+        tiny_config_dict["train"]["compile"] = compiled
+        runs[compiled] = train(parse_config(tiny_config_dict), data, tmp_path / str(compiled))
+    for name in ("weights.safetensors", "ema.safetensors"):
+        a, b = weights(runs[False].checkpoint, name), weights(runs[True].checkpoint, name)
+        assert a.keys() == b.keys() and not any(k.startswith("_orig_mod") for k in b)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), f"{name}:{k} differs when compiled"
+    ema = weights(runs[True].checkpoint, "ema.safetensors")
+    init = weights(runs[True].checkpoint, "weights.safetensors")
+    assert any(not torch.equal(ema[k], init[k]) for k in ema)  # the EMA did move
 
 
 @pytest.mark.slow
