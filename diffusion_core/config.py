@@ -220,6 +220,10 @@ class TrainConfig(StrictModel):
     """EMA decay min(ema_decay, (1 + step) / (10 + step)) early on."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Share of labels replaced by the null class (for classifier-free guidance)."""
+    augment: Literal["none", "flip", "symmetries"] = "none"
+    """Mirror each training item along x with probability 1/2 (flip), or map it by a random
+    symmetry of the square or cube (every axis mirrored at random, axes permuted: symmetries).
+    Only for data with that symmetry: not digits, text or captions that say left or right."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast or fp32."""
     compile: bool = False
@@ -662,6 +666,8 @@ class RunConfig(StrictModel):
         train = self.train.model_dump(mode="json", exclude={*TRAIN_BOOKKEEPING, "init_from"})
         if self.train.lr_decay == "none":  # configs written before the setting keep their identity
             del train["lr_decay"], train["lr_final"]
+        if self.train.augment == "none":
+            del train["augment"]
         return _digest(
             {
                 "model": self.model.model_dump(mode="json"),

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from diffusion_core.augment import apply_symmetries, draw_symmetries
 from diffusion_core.batches import BatchSchedule, TrainData, step_loader
 from diffusion_core.config import RunConfig
 from diffusion_core.distributed import (
@@ -400,6 +401,11 @@ def train(
         t, eps = draw_noise(
             global_shape, schedule.num_steps, generator=gen, device=device, density=density
         )
+        symmetries = draw_symmetries(
+            tc.augment, tc.batch_size, len(global_shape) - 2, generator=gen, device=device
+        )
+        if symmetries is not None:
+            x0 = apply_symmetries(x0, symmetries[0][mine], symmetries[1][mine])
         cond = None
         if null_class is not None:
             assert labels is not None
