@@ -13,7 +13,9 @@ evaluate and write the report. Prints the wall time of each stage and the figure
 * FID on the same features, likewise with its half-vs-half floor.
 * Occupancy (fraction of voxels above 0.5): mean generated vs holdout, and the 1-D Wasserstein
   distance between the two distributions beside its floor.
-* Per class: occupancy, fill ratio (occupied / bounding-box voxels) and the judge's accuracy.
+* Per class: occupancy, fill ratio (occupied / bounding-box voxels), the share of volumes with
+  the class's usual topology among held-out volumes (pieces and Euler characteristic: a torus is
+  one piece with one tunnel) and the judge's accuracy.
 
     python bench/volume_quality.py [--config configs/volume3d.yaml] [--set key=value ...]
         [--out DIR] [--json out.json]
@@ -86,6 +88,8 @@ def main() -> None:
             f"{m.get(f'occupancy/{name}/holdout', nan):.4f} holdout, fill ratio "
             f"{m.get(f'fill_ratio/{name}/generated', nan):.3f} / "
             f"{m.get(f'fill_ratio/{name}/holdout', nan):.3f}, "
+            f"usual topology {m.get(f'topology/{name}/generated', nan):.3f} / "
+            f"{m.get(f'topology/{name}/holdout', nan):.3f}, "
             f"judge accuracy {m.get(f'accuracy/{name}', nan):.3f}"
         )
     print(f"report: {report_url}")

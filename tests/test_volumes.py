@@ -26,7 +26,7 @@ from diffusion_core.data.volumes import (
 )
 from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import save_classifier, train_classifier
-from diffusion_core.evaluation.volumes import fill_ratio, occupancy, volume_statistics
+from diffusion_core.evaluation.volumes import fill_ratio, occupancy, topology, volume_statistics
 from diffusion_core.model import ModelCard
 from diffusion_core.parameterization import Cond
 from diffusion_core.pipeline.modality import modality
@@ -232,6 +232,43 @@ def test_fill_ratio_matches_the_shapes() -> None:
     assert fill_ratio(torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8)).item() == 0.0
 
 
+def test_topology_counts_pieces_tunnels_and_cavities() -> None:
+    """Closed forms of the Euler characteristic (pieces - tunnels + cavities) and the 26-connected
+    pieces: a ball and a box (1, 1); a solid torus (1, 0); a ring one voxel thick (1, 0) and the
+    same ring cut open (1, 1); two boxes (2, 2) and two touching at a corner only (1, 1); a hollow
+    box enclosing a cavity (1, 2); a solid torus with a cut (1, 1); nothing (0, 0)."""
+
+    def vol(*masks: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack(masks)[:, None].astype(np.uint8) * 255)
+
+    side = 16
+    ball = shape_mask(ShapeParams("sphere", (8.0, 8.0, 8.0), (4.5,)), side)
+    box = shape_mask(ShapeParams("box", (8.0, 8.0, 8.0), (3.0, 2.0, 4.0)), side)
+    torus = shape_mask(ShapeParams("torus", (8.0, 8.0, 8.0), (4.5, 1.6), axis=1), side)
+    ring = np.zeros((side,) * 3, dtype=bool)
+    ring[4, 3:9, 3] = ring[4, 3:9, 8] = ring[4, 3, 3:9] = ring[4, 8, 3:9] = True
+    cut = ring.copy()
+    cut[4, 5, 8] = False
+    two = np.zeros_like(ring)
+    two[1:4, 1:4, 1:4] = two[8:12, 8:12, 8:12] = True
+    corner = np.zeros_like(ring)
+    corner[1:4, 1:4, 1:4] = corner[4:7, 4:7, 4:7] = True
+    shell = np.zeros_like(ring)
+    shell[2:10, 2:10, 2:10] = True
+    shell[4:8, 4:8, 4:8] = False
+    broken = torus.copy()
+    broken[:, :, 8:10] &= np.arange(side)[:, None, None] > 8  # a slab through one side of the ring
+    masks = [ball, box, torus, ring, cut, two, corner, shell, broken, np.zeros_like(ring)]
+    assert topology(vol(*masks)) == [
+        (1, 1), (1, 1), (1, 0), (1, 0), (1, 1), (2, 2), (1, 1), (1, 2), (1, 1), (0, 0)
+    ]  # fmt: skip
+    # The synthetic set: every sphere and box is one solid, every torus one ring.
+    ds = load_dataset(DataConfig(kind="volumes", image_size=16, num_samples=120, split_seed=5))
+    assert ds.labels is not None
+    usual = {0: (1, 1), 1: (1, 1), 2: (1, 0)}
+    assert all(t == usual[int(k)] for t, k in zip(topology(ds.images), ds.labels, strict=True))
+
+
 def test_synthetic_volumes_are_seeded_labelled_and_of_the_expected_occupancy() -> None:
     cfg = DataConfig(kind="volumes", image_size=16, num_samples=90, split_seed=3)
     ds = load_dataset(cfg)
@@ -393,3 +430,4 @@ def test_kid_is_near_zero_for_the_same_set_and_grows_with_a_shift(judged: Any) -
     for name in VOLUME_SHAPES:
         assert same[f"occupancy/{name}/generated"] == same[f"occupancy/{name}/holdout"]
         assert same[f"fill_ratio/{name}/generated"] == same[f"fill_ratio/{name}/holdout"]
+        assert same[f"topology/{name}/generated"] == same[f"topology/{name}/holdout"] > 0.5
