@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from diffusion_core.settings import settings
 
@@ -95,3 +96,17 @@ def leave_distributed() -> None:
     """Leave the process group (after the last collective)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def unwrapped(model: object) -> nn.Module:
+    """The network inside ``torch.compile`` and DistributedDataParallel wrappers (in either order):
+    the module whose parameters, and state-dict keys, the EMA and checkpoints hold."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            break
+    assert isinstance(model, nn.Module), f"not a network: {type(model).__name__}"
+    return model

@@ -33,6 +33,7 @@ from diffusion_core.distributed import (
     leave_distributed,
     rank_and_world,
     resolve_device,
+    unwrapped,
 )
 from diffusion_core.ema import EMA
 from diffusion_core.losses import DiffusionLoss, TimestepDensity, draw_noise, timestep_density
@@ -140,20 +141,6 @@ class TrainStep:
             self.ema.update(unwrapped(self.net), self.step)
         self.step += 1
         return loss.detach()
-
-
-def unwrapped(model: object) -> nn.Module:
-    """The network inside ``torch.compile`` and DistributedDataParallel wrappers (in either order):
-    the module whose parameters, and state-dict keys, the EMA and checkpoints hold."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            break
-    assert isinstance(model, nn.Module), f"not a network: {type(model).__name__}"
-    return model
 
 
 def _default_gen(x: Tensor) -> torch.Generator:
