@@ -226,7 +226,11 @@ def check_deployments_and_trigger(env, home, tmp_path):
         assert compared[0].parameters["model_name"] == "triggered"
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # it was finishing a run it had picked up
+            worker.kill()
+            worker.wait(timeout=30)
         worker_log.close()
 
     import mlflow

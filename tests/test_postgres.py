@@ -323,7 +323,11 @@ def check_shared_servers(env, home, postgres, tmp_path):
             assert evaluated.parameters["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
         finally:
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # it was finishing a run it had picked up
+                worker.kill()
+                worker.wait(timeout=30)
 
     # The registry on the MLflow server: version 1 evaluated and promoted.
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
