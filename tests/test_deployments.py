@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.test_pipeline import PIPELINE_TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario]
@@ -78,11 +78,7 @@ def server(tmp_path_factory):
         wait_for(healthy, timeout=120, what="the Prefect server")
         yield env, home
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
@@ -225,12 +221,7 @@ def check_deployments_and_trigger(env, home, tmp_path):
         )
         assert compared[0].parameters["model_name"] == "triggered"
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # it was finishing a run it had picked up
-            worker.kill()
-            worker.wait(timeout=30)
+        stop_process(worker)
         worker_log.close()
 
     import mlflow

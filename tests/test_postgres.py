@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.test_deployments import REPO, drain_prefect_workers, wait_for
 from tests.test_pipeline import PIPELINE_TINY
 
@@ -157,11 +157,7 @@ class Service:
             raise
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self._out.close()
 
 
@@ -322,12 +318,7 @@ def check_shared_servers(env, home, postgres, tmp_path):
             assert evaluated.parameters["model_uri"] == "models:/team/1"
             assert evaluated.parameters["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:  # it was finishing a run it had picked up
-                worker.kill()
-                worker.wait(timeout=30)
+            stop_process(worker, timeout=60)
 
     # The registry on the MLflow server: version 1 evaluated and promoted.
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
