@@ -15,12 +15,10 @@ single straight one does.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-Augment = Literal["none", "flip", "symmetries"]
+from diffusion_core.config import Augment
 
 
 def draw_symmetries(

@@ -194,6 +194,9 @@ class DiffusionConfig(StrictModel):
         return self
 
 
+Augment = Literal["none", "flip", "symmetries"]
+
+
 class TrainConfig(StrictModel):
     """The optimisation."""
 
@@ -220,7 +223,7 @@ class TrainConfig(StrictModel):
     """EMA decay min(ema_decay, (1 + step) / (10 + step)) early on."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Share of labels replaced by the null class (for classifier-free guidance)."""
-    augment: Literal["none", "flip", "symmetries"] = "none"
+    augment: Augment = "none"
     """Mirror each training item along x with probability 1/2 (flip), or map it by a random
     symmetry of the square or cube (every axis mirrored at random, axes permuted: symmetries).
     Only for data with that symmetry: not digits, text or captions that say left or right."""
@@ -664,10 +667,9 @@ class RunConfig(StrictModel):
         names a version, not weights). Sampling, safety, evaluation, watermark and sharding
         never enter it, so changing them never retrains."""
         train = self.train.model_dump(mode="json", exclude={*TRAIN_BOOKKEEPING, "init_from"})
-        if self.train.lr_decay == "none":  # configs written before the setting keep their identity
-            del train["lr_decay"], train["lr_final"]
-        if self.train.augment == "none":
-            del train["augment"]
+        for key in TRAIN_IDENTITY_WHEN_SET:
+            if train[key] == TrainConfig.model_fields[key].default:
+                del train[key]
         return _digest(
             {
                 "model": self.model.model_dump(mode="json"),
@@ -689,6 +691,10 @@ TRAIN_BOOKKEEPING = (
     "keep_checkpoints",
     "loader_workers",
 )
+
+# Train settings added after checkpoints were written: they enter the identity only when they
+# differ from their default, so those checkpoints keep their identity and still resume.
+TRAIN_IDENTITY_WHEN_SET = ("lr_decay", "lr_final", "augment")
 
 
 def _text_identity(text: TextConfig) -> dict[str, Any]:
