@@ -221,6 +221,9 @@ class TrainConfig(StrictModel):
     """Decay of the EMA weights (the weights that sample)."""
     ema_warmup: bool = True
     """EMA decay min(ema_decay, (1 + step) / (10 + step)) early on."""
+    ema_sigma_rel: float | None = Field(None, gt=0.0, lt=0.2886)
+    """Power-function EMA (Karras et al. 2024) instead of ema_decay: the averaging profile's
+    width as a fraction of the run so far (0.05: its last ~10%); below sqrt(1/12)."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)
     """Share of labels replaced by the null class (for classifier-free guidance)."""
     augment: Augment = "none"
@@ -251,6 +254,19 @@ class TrainConfig(StrictModel):
     """Warm start from a registered version's EMA weights: none, champion (this model's
     champion; from scratch while there is none), models:/NAME@ALIAS or models:/NAME/N. Its model
     card must match this config's; the version is recorded as the new version's parent."""
+
+    @model_validator(mode="after")
+    def _one_ema_profile(self) -> TrainConfig:
+        # By value, not by the keys given: a resolved config (all keys) must parse again.
+        fields = type(self).model_fields
+        moved = [k for k in ("ema_decay", "ema_warmup") if getattr(self, k) != fields[k].default]
+        if self.ema_sigma_rel is not None and moved:
+            raise ValueError(
+                f"train.ema_sigma_rel={self.ema_sigma_rel} replaces train.{moved[0]}="
+                f"{getattr(self, moved[0])}: set one EMA profile (ema_sigma_rel, or ema_decay "
+                "with ema_warmup)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lr_final_needs_decay(self) -> TrainConfig:
@@ -694,7 +710,7 @@ TRAIN_BOOKKEEPING = (
 
 # Train settings added after checkpoints were written: they enter the identity only when they
 # differ from their default, so those checkpoints keep their identity and still resume.
-TRAIN_IDENTITY_WHEN_SET = ("lr_decay", "lr_final", "augment")
+TRAIN_IDENTITY_WHEN_SET = ("lr_decay", "lr_final", "augment", "ema_sigma_rel")
 
 
 def _text_identity(text: TextConfig) -> dict[str, Any]:

@@ -293,7 +293,7 @@ def train(
         net.load_state_dict(read_weights(init.weights))
         log.info("starting from the weights of %s", init.source)
     net = net.to(device).to(memory_format=training_layout(net, device, tc.precision))
-    ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup)
+    ema = EMA(net, decay=tc.ema_decay, warmup=tc.ema_warmup, sigma_rel=tc.ema_sigma_rel)
     optimizer = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.lr_decay, tc.lr_final)

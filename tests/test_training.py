@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_core import config, model, training
+from diffusion_core import ema as ema_module
 from diffusion_core.batches import BatchSchedule
 from diffusion_core.config import parse_config
 from diffusion_core.data import ImageDataset
@@ -219,6 +220,64 @@ def test_ema_warmup_and_update():
     assert torch.allclose(ema.shadow["weight"], expected)
 
 
+def test_power_ema_is_its_closed_form_weighted_average():
+    """After T updates the power-function EMA is sum_i (1 - beta_i) (i / T)^(gamma + 1) w_i with
+    beta_i = (1 - 1/i)^(gamma + 1) (the weights sum to 1), and sigma_rel is the relative width
+    of that profile: EDM2's pairs (0.05 -> gamma 16.97, 0.10 -> 6.94) and the profile's own
+    standard deviation over a long run."""
+    assert ema_module.gamma_of_sigma_rel(0.05) == pytest.approx(16.97, abs=0.01)
+    assert ema_module.gamma_of_sigma_rel(0.10) == pytest.approx(6.94, abs=0.01)
+    for sigma_rel in (0.01, 0.05, 0.15, 0.28):
+        gamma = ema_module.gamma_of_sigma_rel(sigma_rel)
+        assert ema_module.sigma_rel_of_gamma(gamma) == pytest.approx(sigma_rel, rel=1e-9)
+        t = torch.arange(1, 200_001, dtype=torch.float64)
+        w = (1 - (1 - 1 / t) ** (gamma + 1)) * (t / t[-1]) ** (gamma + 1)
+        assert float(w.sum()) == pytest.approx(1.0, abs=1e-9)
+        mean = float((w * t).sum() / t[-1])
+        std = math.sqrt(float((w * (t / t[-1] - mean) ** 2).sum()))
+        assert std == pytest.approx(sigma_rel, rel=1e-3)
+    for bad in (0.0, -0.1, ema_module.SIGMA_REL_MAX, 0.5):
+        with pytest.raises(ValueError, match="sigma_rel"):
+            ema_module.gamma_of_sigma_rel(bad)
+
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, decay=0.999, sigma_rel=0.1)
+    gamma = ema_module.gamma_of_sigma_rel(0.1)
+    values = torch.randn(40, 2, 3, generator=torch.Generator().manual_seed(0))
+    for step, value in enumerate(values):
+        with torch.no_grad():
+            net.weight.copy_(value)
+        ema.update(net, step)
+    t = torch.arange(1, 41, dtype=torch.float64)
+    w = (1 - (1 - 1 / t) ** (gamma + 1)) * (t / 40) ** (gamma + 1)
+    expected = (w[:, None, None] * values.double()).sum(0)
+    assert torch.allclose(ema.shadow["weight"].double(), expected, atol=1e-6)
+
+
+def test_the_trainer_uses_the_power_ema_and_refuses_two_profiles(tmp_path, tiny_config_dict):
+    """Its first update copies the network (beta_1 = 0), unlike the fixed decay's 0.1; it
+    resumes exactly; a changed ema_decay beside it is refused, naming both keys, while a
+    resolved config (every key at its value) parses again."""
+    tiny_config_dict["train"].update(steps=1, checkpoint_every=100, ema_sigma_rel=0.05)
+    cfg = parse_config(tiny_config_dict)
+    one = train(cfg, toy_dataset(), tmp_path / "one", progress=False).checkpoint
+    a, b = weights(one, "weights.safetensors"), weights(one, "ema.safetensors")
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)
+    assert parse_config(cfg.to_dict()) == cfg
+
+    cfg = parse_config({**tiny_config_dict, "train": {**tiny_config_dict["train"], "steps": 4}})
+    straight = train(cfg, toy_dataset(), tmp_path / "a", progress=False).checkpoint
+    train(cfg, toy_dataset(), tmp_path / "b", max_steps=2, progress=False)
+    resumed = train(cfg, toy_dataset(), tmp_path / "b", progress=False).checkpoint
+    a, b = weights(straight, "ema.safetensors"), weights(resumed, "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(straight, "weights.safetensors")[k]) for k in a)
+
+    tiny_config_dict["train"]["ema_decay"] = 0.99
+    with pytest.raises(ValueError, match=r"train\.ema_sigma_rel=0\.05 replaces train\.ema_decay"):
+        parse_config(tiny_config_dict)
+
+
 @pytest.mark.parametrize("decay", ["none", "cosine", "linear"])
 def test_learning_rate_follows_its_schedule_step_by_step(tmp_path, tiny_config_dict, decay):
     """Warm-up over 2 steps, then constant or falling to lr_final x lr at the last of 7 steps;
@@ -256,7 +315,7 @@ def test_a_constant_learning_rate_keeps_the_training_identity_of_older_configs(t
     configs written before these settings still resume; a decay is another training."""
     cfg = parse_config(tiny_config_dict)
     dumped = cfg.train.model_dump(mode="json", exclude={*config.TRAIN_BOOKKEEPING, "init_from"})
-    del dumped["lr_decay"], dumped["lr_final"], dumped["augment"]
+    del dumped["lr_decay"], dumped["lr_final"], dumped["augment"], dumped["ema_sigma_rel"]
     older = config._digest(
         {
             "model": cfg.model.model_dump(mode="json"),
@@ -268,6 +327,9 @@ def test_a_constant_learning_rate_keeps_the_training_identity_of_older_configs(t
     )
     assert cfg.training_identity("d") == older
     tiny_config_dict["train"]["lr_decay"] = "cosine"
+    assert parse_config(tiny_config_dict).training_identity("d") != older
+    del tiny_config_dict["train"]["lr_decay"]
+    tiny_config_dict["train"]["ema_sigma_rel"] = 0.05
     assert parse_config(tiny_config_dict).training_identity("d") != older
 
 
