@@ -34,7 +34,7 @@ from diffusion_core.data import load_dataset, split_dataset
 from diffusion_core.evaluation import fidelity, quality
 from diffusion_core.evaluation.judge import load_classifier, save_classifier, train_classifier
 from diffusion_core.io import sha256_file
-from diffusion_core.model import ModelCard, load_model
+from diffusion_core.model import ModelCard, load_model, read_state
 from diffusion_core.parameterization import Cond
 from diffusion_core.sampling import SampleRequest, generate
 from diffusion_core.training import train
@@ -124,10 +124,12 @@ def main() -> None:
         ckpt = result.checkpoint
     net, card = load_model(ckpt)
     flop = train_flop_per_image(card)
-    images_seen = cfg.train.steps * cfg.train.batch_size
+    # A given checkpoint says how far it trained; the batch is the config's.
+    steps = int(read_state(ckpt / "state.pt")["step"]) if args.checkpoint else cfg.train.steps
+    images_seen = steps * cfg.train.batch_size
     out |= {"checkpoint": str(ckpt), "train_flop_per_image": flop, "images_seen": images_seen}
     print(
-        f"training: {cfg.train.steps} steps x {cfg.train.batch_size} = {images_seen} images, "
+        f"training: {steps} steps x {cfg.train.batch_size} = {images_seen} images, "
         f"{flop / 1e9:.3f} GFLOP per image ({images_seen * flop / 1e15:.3f} PFLOP)"
         + (f", {out['train_seconds']:.0f} s" if "train_seconds" in out else "")
     )
