@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -196,6 +197,9 @@ class DiffusionConfig(StrictModel):
 
 Augment = Literal["none", "flip", "symmetries"]
 
+SIGMA_REL_MAX = math.sqrt(1 / 12)
+"""The widest power-function EMA (``train.ema_sigma_rel``): the plain running mean's, gamma = 0."""
+
 
 class TrainConfig(StrictModel):
     """The optimisation."""
@@ -221,7 +225,7 @@ class TrainConfig(StrictModel):
     """Decay of the EMA weights (the weights that sample)."""
     ema_warmup: bool = True
     """EMA decay min(ema_decay, (1 + step) / (10 + step)) early on."""
-    ema_sigma_rel: float | None = Field(None, gt=0.0, lt=0.2886)
+    ema_sigma_rel: float | None = Field(None, gt=0.0, lt=SIGMA_REL_MAX)
     """Power-function EMA (Karras et al. 2024) instead of ema_decay: the averaging profile's
     width as a fraction of the run so far (0.05: its last ~10%); below sqrt(1/12)."""
     label_dropout: float = Field(0.1, ge=0.0, le=1.0)

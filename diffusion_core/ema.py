@@ -15,8 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-SIGMA_REL_MAX = math.sqrt(1 / 12)
-"""sigma_rel at gamma = 0 (the plain running mean); longer profiles need gamma < 0."""
+from diffusion_core.config import SIGMA_REL_MAX
 
 
 def gamma_of_sigma_rel(sigma_rel: float) -> float:
