@@ -5,7 +5,10 @@ several sampler settings against the quickstart goals, all on the domain classif
 - FID of ``--num`` samples against the 297 holdout digits with its half-sample interval, and at
   equal counts over ``--draws`` random splits: generated (148) against one holdout half beside the
   other half against it (the real-vs-real floor); goal: the generated mean <= the floor's mean;
-- conditional accuracy under the judge; goal: >= its accuracy on the real holdout digits - 0.005;
+- the paired gap FID_h - floor_h over the same draws, with its 95% interval (at the defaults the
+  goals' margins lie inside it: decide with ``--num 5000 --draws 200``);
+- conditional accuracy under the judge, with its binomial standard error; goal: >= its accuracy on
+  the real holdout digits - 0.005;
 - recall (and precision) at equal counts over the same splits; goal: >= the floor's - 0.05.
 
 It prints the training time, images seen and FLOP (forward and backward of one image, counted with
@@ -66,6 +69,13 @@ def judged(images: torch.Tensor, labels: torch.Tensor, ctx: dict[str, Any]) -> d
     feats = ctx["judge"].features(images)
     m |= fidelity.floor_draws(feats, ctx["holdout_features"], draws=ctx["draws"])
     m["conditional_accuracy"] = ctx["judge"].accuracy(images, labels)
+    # The paired gap FID_h - floor_h with a normal 95% interval over the draws, and the
+    # accuracy's binomial standard error: at 1,000 samples and 50 draws the goals' margins lie
+    # inside both (bench/README.md).
+    half = 1.96 * m["fid_gap_std"] / ctx["draws"] ** 0.5
+    m["fid_gap_low"], m["fid_gap_high"] = m["fid_gap"] - half, m["fid_gap"] + half
+    acc = m["conditional_accuracy"]
+    m["conditional_accuracy_se"] = (acc * (1 - acc) / len(images)) ** 0.5
     m["goal_fid"] = m["fid_h"] <= m["fid_floor_h"]
     m["goal_accuracy"] = m["conditional_accuracy"] >= ctx["judge"].holdout_accuracy - 0.005
     m["goal_recall"] = m["recall_h"] >= m["recall_floor_h"] - 0.05
@@ -144,7 +154,7 @@ def main() -> None:
     rows = []
     header = (
         "setting                 g    NFE  FID [interval]        FID_h / floor_h   "
-        "prec_h  rec_h / floor_h  acc     goals"
+        "gap [95%]             prec_h  rec_h / floor_h  acc +- se        goals"
     )
     print(header)
     grid = [(t, g, i) for t in args.settings for g in args.guidance for i in args.intervals]
@@ -169,8 +179,9 @@ def main() -> None:
         print(
             f"{name:<22} {scale:>4} {samples.nfe:>4}  {m['fid']:5.2f} [{m['fid_low']:5.2f}, "
             f"{m['fid_high']:5.2f}]  {m['fid_h']:5.2f} / {m['fid_floor_h']:5.2f}    "
+            f"{m['fid_gap']:+5.2f} [{m['fid_gap_low']:+5.2f}, {m['fid_gap_high']:+5.2f}]  "
             f"{m['precision_h']:.3f}   {m['recall_h']:.3f} / {m['recall_floor_h']:.3f}  "
-            f"{m['conditional_accuracy']:.4f}  {goals}",
+            f"{m['conditional_accuracy']:.4f} +- {m['conditional_accuracy_se']:.4f}  {goals}",
             flush=True,
         )
     out["rows"] = rows
