@@ -137,6 +137,20 @@ def test_floor_draws_tell_a_shifted_set_from_the_real_one():
     assert shifted["recall_h"] < same["recall_h"] - 0.2
 
 
+def test_floor_draws_gap_interval_is_the_monte_carlo_error_of_its_mean():
+    """The gap's 95% interval over 20 draws, from 12 seeds, covers the mean of 600 draws in at
+    least 9 (an interval of half the width would cover it about 2 times in 3, of a quarter about
+    1 in 3); sixteen times the draws give a quarter of the width."""
+    gen, ref = features(1000, shift=0.3, seed=8), features(300, seed=9)
+    target = fidelity.floor_draws(gen, ref, draws=600, seed=100)["fid_gap"]
+    runs = [fidelity.floor_draws(gen, ref, draws=20, seed=s) for s in range(12)]
+    assert all(r["fid_gap_low"] < r["fid_gap"] < r["fid_gap_high"] for r in runs)
+    assert sum(r["fid_gap_low"] <= target <= r["fid_gap_high"] for r in runs) >= 9
+    many = fidelity.floor_draws(gen, ref, draws=320)
+    width = many["fid_gap_high"] - many["fid_gap_low"]
+    assert 0.2 < width / (runs[0]["fid_gap_high"] - runs[0]["fid_gap_low"]) < 0.32
+
+
 def test_paired_fid_gap_cancels_shared_noise():
     """A set against itself: gap 0 with a zero-width interval. Two sets that share their seeds
     (the second is the first slightly perturbed): the gap is the difference of the two FIDs and

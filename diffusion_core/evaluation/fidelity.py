@@ -354,7 +354,9 @@ def floor_draws(
     FID(B, A), and precision/recall of G against A beside those of B against A. One split is
     noisy (with 297 references FID's floor moves by about a third from split to split); the means
     over draws compare generated and real at equal counts. ``*_std`` is the spread of one draw;
-    ``fid_gap`` the mean of the paired difference FID(G, A) - FID(B, A).
+    ``fid_gap`` the mean of the paired difference FID(G, A) - FID(B, A), ``fid_gap_low`` and
+    ``fid_gap_high`` its normal 95% interval over the draws (the mean's Monte Carlo error, which
+    more draws shrink; it does not cover the draw of the generated set itself).
     """
     h = min(len(reference) // 2, len(generated))
     if h < MIN_IMAGES:
@@ -379,10 +381,13 @@ def floor_draws(
     table = torch.tensor(rows, dtype=torch.float64)  # (draws, 6)
     mean, std = table.mean(0).tolist(), table.std(0).tolist()
     gap = table[:, 0] - table[:, 1]
+    gap_mean, gap_std = float(gap.mean()), float(gap.std())
+    half = 1.96 * gap_std / draws**0.5  # the normal 95% interval of the mean over the draws
     names = ["fid", "fid_floor", "precision", "precision_floor", "recall", "recall_floor"]
     out = {f"{k}_h": m for k, m in zip(names, mean, strict=True)}
     out |= {f"{k}_h_std": sd for k, sd in zip(names, std, strict=True)}
-    return out | {"fid_gap": float(gap.mean()), "fid_gap_std": float(gap.std()), "h": float(h)}
+    out |= {"fid_gap": gap_mean, "fid_gap_std": gap_std, "h": float(h)}
+    return out | {"fid_gap_low": gap_mean - half, "fid_gap_high": gap_mean + half}
 
 
 # ----------------------------------------------------------------------------------------------
